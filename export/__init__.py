@@ -1,0 +1,1 @@
+"""Export of a detector checkpoint to ONNX / ONNX INT8 / TensorRT, with sidecar and parity checks."""
