@@ -1,0 +1,83 @@
+"""The synthetic steel-defect generator: determinism, valid exact boxes, class coverage, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from d3n.cli import main
+from d3n.data.layout import DatasetLayout
+from d3n.data.synth import generate
+from d3n.data.synth_shapes import CLASSES
+from d3n.errors import DataError
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes(tmp_path):
+    a = generate(tmp_path / "a", images=12, size=96, seed=3, progress=False)
+    b = generate(tmp_path / "b", images=12, size=96, seed=3, progress=False)
+    c = generate(tmp_path / "c", images=12, size=96, seed=4, progress=False)
+    fa, fb = _files(a), _files(b)
+    assert fa.keys() == fb.keys() and len(fa) >= 2 * 12
+    assert all(fa[k] == fb[k] for k in fa)
+    assert any(fa[k] != v for k, v in _files(c).items() if k.suffix == ".jpg")
+
+
+def test_layout_labels_and_class_coverage(tmp_path):
+    data = generate(tmp_path / "d", images=30, size=128, seed=0, val_frac=0.2, progress=False)
+    layout = DatasetLayout.open(data)
+    assert layout.names == CLASSES
+    train, val = layout.images("train"), layout.images("val")
+    assert len(train) == 24 and len(val) == 6
+    seen = set()
+    for img in train + val:
+        with Image.open(img) as im:
+            assert im.size == (128, 128)
+        lab = layout.labels(img)
+        assert 1 <= len(lab) <= 4
+        cls, cx, cy, w, h = lab.T
+        assert np.all((cls >= 0) & (cls < 6) & (w > 0) & (h > 0))
+        assert np.all(cx - w / 2 >= -1e-6) and np.all(cx + w / 2 <= 1 + 1e-6)
+        assert np.all(cy - h / 2 >= -1e-6) and np.all(cy + h / 2 <= 1 + 1e-6)
+        seen |= set(cls.astype(int).tolist())
+    assert seen == set(range(6))
+    assert (data / "preview.png").stat().st_size > 0
+
+
+def test_boxes_are_tight_around_the_drawn_defect(tmp_path):
+    """Inside each box the image differs from plain texture; a band outside it does not hold a defect edge."""
+    from d3n.data.synth import render, surface
+
+    size, rng_seed = 128, 11
+    img, boxes = render(size, np.random.default_rng(rng_seed), first_class=2)
+    plain = surface(size, np.random.default_rng(rng_seed))  # same texture draws come first
+    diff = np.abs(img.astype(np.float32) - np.clip(np.rint(plain), 0, 255))
+    changed = diff > 12
+    for _, x0, y0, x1, y1 in boxes:
+        inside = changed[y0:y1, x0:x1]
+        # the defect reaches every edge of its box: each border row/column holds a changed pixel
+        assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+
+
+def test_existing_folder_is_reused_or_refused(tmp_path):
+    out = generate(tmp_path / "d", images=4, size=64, progress=False)
+    stamp = (out / "data.yaml").stat().st_mtime_ns
+    assert generate(out, images=4, size=64, progress=False) == out
+    assert (out / "data.yaml").stat().st_mtime_ns == stamp  # reused, not rewritten
+    with pytest.raises(DataError, match=str(out)):
+        generate(out, images=5, size=64, progress=False)
+    generate(out, images=5, size=64, overwrite=True, progress=False)
+    assert len(DatasetLayout.open(out).images("train")) + len(DatasetLayout.open(out).images("val")) == 5
+
+
+def test_cli_synth_exit_codes(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["data", "synth", "--out", str(out), "--images", "6", "--size", "64"]) == 0
+    assert DatasetLayout.open(out).nc == 6
+    assert main(["data", "synth", "--out", str(out), "--images", "7", "--size", "64"]) == 1
+    assert str(out) in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(tmp_path / "t"), "--size", "8"]) == 1
