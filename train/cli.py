@@ -1,0 +1,71 @@
+"""CLI: `d3n train baseline`, `d3n val`, `d3n teacher train`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a detector")
+    tsub = p.add_subparsers(dest="train_cmd", metavar="WHAT")
+    b = tsub.add_parser("baseline", help="train the plain YOLOv5s baseline")
+    b.add_argument("--data", type=Path, required=True, help="dataset folder with data.yaml")
+    b.add_argument("--out", type=Path, required=True, help="run folder to write")
+    b.add_argument("--config", type=Path, help="YAML with train settings (TrainConfig keys)")
+    b.add_argument("--weights", type=Path, help="initial weights (default: from scratch)")
+    add_train_args(b)
+    b.set_defaults(func=_baseline)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+    v = sub.add_parser("val", help="evaluate a detector checkpoint on a dataset split")
+    v.add_argument("--model", type=Path, required=True)
+    v.add_argument("--data", type=Path, required=True)
+    v.add_argument("--imgsz", type=int, default=640)
+    v.add_argument("--batch", type=int, default=16)
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--split", default="val")
+    v.add_argument("--json", type=Path, help="write the metrics here")
+    v.set_defaults(func=_val)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--imgsz", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int)
+
+
+def train_overrides(args) -> dict:
+    from d3n.config import load_yaml
+
+    base = load_yaml(args.config) if getattr(args, "config", None) else {}
+    over = {k: getattr(args, k) for k in ("imgsz", "epochs", "batch", "device", "seed", "workers")}
+    return {**base, **{k: v for k, v in over.items() if v is not None}}
+
+
+def _baseline(args) -> int:
+    from d3n.config import validate
+    from d3n.train import baseline
+    from d3n.train.loop import TrainConfig
+
+    tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
+    cfg = baseline.BaselineConfig(data=args.data, out=args.out, weights=args.weights, train=tcfg)
+    m = baseline.run(cfg)
+    print(f"baseline: mAP50 {m['mAP50']:.3f}  mAP50-95 {m['mAP50-95']:.3f}  params {m['params']:,}  "
+          f"GFLOPs {m['gflops']:.2f} @ {m['imgsz']} -> {args.out / 'best.pt'}")
+    return 0
+
+
+def _val(args) -> int:
+    from d3n.artifacts import write_json
+    from d3n.train import val
+
+    m = val.run(args.model, args.data, imgsz=args.imgsz, batch=args.batch, device=args.device, split=args.split)
+    names = list(m["per_class_AP50"])
+    print(val.format_table({args.model.name: m}, names))
+    if args.json:
+        write_json(args.json, m)
+    return 0

@@ -1,0 +1,237 @@
+"""One plain training loop for every detector d3n trains: baseline, fusion teacher, student.
+
+What differs between them lives in a `Task` (how to compute the loss, how to predict, how to
+save); the schedule, augmentation, optimiser, EMA and evaluation are shared, so a baseline and a
+student trained with the same config and seed differ only by the teacher's terms. The recipe
+follows ultralytics' detection defaults (SGD/AdamW "auto", linear LR decay, warmup, EMA, mosaic
+closed for the last epochs, nominal batch 64).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from d3n.artifacts import save_with
+from d3n.config import StrictModel
+from d3n.train.detdata import AugmentConfig, DetectionDataset, collate, seed_worker
+from d3n.train.evaluate import evaluate, fitness
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(StrictModel):
+    """Schedule and augmentation. Defaults: ultralytics' detection defaults (paper: 100 epochs)."""
+
+    imgsz: int = 640
+    epochs: int = 100
+    batch: int = 16
+    device: str = "cpu"
+    seed: int = 0
+    workers: int = 2
+    optimizer: Literal["auto", "SGD", "AdamW"] = "auto"
+    lr0: float = 0.01
+    lrf: float = 0.01
+    momentum: float = 0.937
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 3.0
+    warmup_bias_lr: float = 0.1
+    warmup_momentum: float = 0.8
+    nbs: int = 64  # nominal batch size: gradients accumulate up to it
+    close_mosaic: int = 10
+    val_every: int = 1
+    mosaic: float = 1.0
+    scale: float = 0.5
+    translate: float = 0.1
+    fliplr: float = 0.5
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(mosaic=self.mosaic, scale=self.scale, translate=self.translate, fliplr=self.fliplr,
+                             hsv_h=self.hsv_h, hsv_s=self.hsv_s, hsv_v=self.hsv_v)
+
+
+class Task(Protocol):
+    """What a particular detector adds to the loop."""
+
+    model: torch.nn.Module  # the module being trained
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def predict(self, model: torch.nn.Module, batch: dict) -> torch.Tensor: ...
+
+    def save(self, model: torch.nn.Module, path: Path, metrics: dict) -> None: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = dict(batch)
+    out["img"] = batch["img"].to(device, non_blocking=True).float() / 255
+    for k in ("batch_idx", "cls", "bboxes"):
+        out[k] = batch[k].to(device)
+    return out
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, nc: int, iterations: int):
+    """Three groups as ultralytics: weights with decay, norm weights and biases without."""
+    name, lr, momentum = cfg.optimizer, cfg.lr0, cfg.momentum
+    if name == "auto":  # ultralytics' rule: AdamW with a fitted lr for short runs, SGD for long ones
+        name, lr, momentum = ("SGD", 0.01, 0.9) if iterations > 10000 else ("AdamW", round(0.002 * 5 / (4 + nc), 6), 0.9)
+    decay, no_decay, bias = [], [], []
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if pname == "bias":
+                bias.append(p)
+            elif isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    if name == "AdamW":
+        opt = torch.optim.AdamW(bias, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
+    else:
+        opt = torch.optim.SGD(bias, lr=lr, momentum=momentum, nesterov=True)
+    opt.add_param_group({"params": decay, "weight_decay": cfg.weight_decay})
+    opt.add_param_group({"params": no_decay, "weight_decay": 0.0})
+    return opt, lr
+
+
+def make_loaders(cfg: TrainConfig, data: Path):
+    train_ds = DetectionDataset(data, "train", cfg.imgsz, cfg.augment(), seed=cfg.seed)
+    val_ds = DetectionDataset(data, "val", cfg.imgsz)
+    g = torch.Generator().manual_seed(cfg.seed)
+    kw = {"num_workers": cfg.workers, "collate_fn": collate, "worker_init_fn": seed_worker,
+          "persistent_workers": cfg.workers > 0}
+    train = DataLoader(train_ds, batch_size=cfg.batch, shuffle=True, generator=g, drop_last=False, **kw)
+    val = DataLoader(val_ds, batch_size=cfg.batch, shuffle=False, **kw)
+    return train, val
+
+
+def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
+          on_epoch=None) -> dict:
+    """Train `task.model`; writes best.pt (via task.save), last_state.pt, results.csv. Returns the
+    best validation metrics (plus a `history` list)."""
+    from d3n.offline import configure_ultralytics
+
+    configure_ultralytics()
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    model = task.model.to(device)
+    train_loader, val_loader = make_loaders(cfg, data)
+    nb = len(train_loader)
+    accumulate = max(round(cfg.nbs / cfg.batch), 1)
+    cfg_wd = cfg.weight_decay * cfg.batch * accumulate / cfg.nbs
+    opt, lr0 = build_optimizer(model, cfg.model_copy(update={"weight_decay": cfg_wd}), len(names),
+                               math.ceil(len(train_loader.dataset) / max(cfg.batch, cfg.nbs)) * cfg.epochs)
+    lf = lambda e: (1 - e / cfg.epochs) * (1.0 - cfg.lrf) + cfg.lrf  # noqa: E731  linear decay
+    for g in opt.param_groups:
+        g["initial_lr"] = lr0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lf)
+    ema = ModelEMA(model)
+    nw = max(round(cfg.warmup_epochs * nb), 100) if cfg.warmup_epochs > 0 else -1
+    start, best, history = _resume(out, model, ema, opt, sched)
+
+    for epoch in range(start, cfg.epochs):
+        ds = train_loader.dataset
+        if epoch >= cfg.epochs - cfg.close_mosaic and ds.aug.mosaic:
+            ds.aug.mosaic = 0.0
+            log.info("closing mosaic for the last %d epochs", cfg.close_mosaic)
+        ds.set_epoch(epoch)
+        train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffle order depends on the epoch only
+        model.train()
+        t0, losses, last_step = time.time(), [], -1
+        opt.zero_grad()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for i, batch in enumerate(bar):
+            ni = i + nb * epoch
+            if ni <= nw:  # warmup: lr ramps up (bias from warmup_bias_lr), accumulation grows to nbs
+                accumulate = max(1, round(np.interp(ni, [0, nw], [1, cfg.nbs / cfg.batch])))
+                for j, g in enumerate(opt.param_groups):
+                    start_lr = cfg.warmup_bias_lr if j == 0 else 0.0
+                    g["lr"] = np.interp(ni, [0, nw], [start_lr, g["initial_lr"] * lf(epoch)])
+                    if "momentum" in g:
+                        g["momentum"] = np.interp(ni, [0, nw], [cfg.warmup_momentum, cfg.momentum])
+            loss, items = task.loss(model, to_device(batch, device))
+            loss.backward()
+            if ni - last_step >= accumulate or i == nb - 1:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                opt.step()
+                opt.zero_grad()
+                ema.update(model)
+                last_step = ni
+            losses.append(items)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in items.items()})
+        sched.step()
+        row = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "lr": opt.param_groups[0]["lr"]}
+        row.update({k: float(np.mean([x[k] for x in losses])) for k in losses[0]})
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            metrics = evaluate(lambda b: task.predict(ema.ema, to_device(b, device)), val_loader, names)
+            row.update({k: metrics[k] for k in ("mAP50", "mAP50-95", "precision", "recall")})
+            if best is None or fitness(metrics) >= fitness(best):
+                best = {**metrics, "epoch": epoch + 1}
+                task.save(ema.ema, out / "best.pt", best)
+        if on_epoch is not None:
+            row.update(on_epoch(model, epoch) or {})
+        history.append(row)
+        _write_results(out / "results.csv", history)
+        _save_state(out, epoch, model, ema, opt, sched, best, history)
+        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, {k: round(v, 4) if isinstance(v, float) else v
+                                                           for k, v in row.items()})
+    task.save(ema.ema, out / "last.pt", best or {})
+    return {**(best or {}), "history": history}
+
+
+def _write_results(path: Path, history: list[dict]) -> None:
+    from d3n.artifacts import atomic_path
+
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def _save_state(out, epoch, model, ema, opt, sched, best, history) -> None:
+    state = {"epoch": epoch, "model": model.state_dict(), "ema": ema.ema.state_dict(), "updates": ema.updates,
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best, "history": history,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    save_with(out / "last_state.pt", lambda p: torch.save(state, p))
+
+
+def _resume(out: Path, model, ema, opt, sched):
+    """Resume a killed run from last_state.pt (same model/optimizer/scheduler/EMA/RNG state)."""
+    path = out / "last_state.pt"
+    if not path.exists():
+        return 0, None, []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    ema.ema.load_state_dict(state["ema"])
+    ema.updates = state["updates"]
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    log.info("resuming from %s after epoch %d", path, state["epoch"] + 1)
+    return state["epoch"] + 1, state["best"], state["history"]
