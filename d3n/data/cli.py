@@ -10,6 +10,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmds = data.add_subparsers(dest="data_command", metavar="ACTION")
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
 
+    p = cmds.add_parser("import", help="import a VOC / YOLO / COCO dataset into the d3n YOLO layout",
+                        description="Autodetects the format: VOC (ANNOTATIONS/ or Annotations/ with IMAGES/ "
+                        "or JPEGImages/), YOLO (data.yaml with images/ and labels/), COCO (a .json with "
+                        "images, annotations, categories). Every image is decoded and every box checked; "
+                        "all problems are listed before failing.")
+    p.add_argument("src", help="source dataset folder (or COCO .json / YOLO data.yaml)")
+    p.add_argument("--out", required=True, help="dataset folder to create")
+    p.add_argument("--format", choices=("voc", "yolo", "coco"), help="source format (default: autodetect)")
+    p.add_argument("--splits", help="folder with train.txt / val.txt listing stems")
+    p.add_argument("--val-frac", type=float, default=None,
+                   help="share of images in val for a random split (default 0.2; a YOLO source "
+                        "with train and val keeps its split unless this is given)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
+    p.add_argument("--names", help="class names in order: comma-separated or a file with one per line "
+                                   "(default: VOC alphabetical, COCO by category id, YOLO from data.yaml)")
+    p.add_argument("--skip-bad", action="store_true", help="leave bad images out (listed in import_report.json)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_import)
+
+    p = cmds.add_parser("check", help="per-class counts and every bad file of a dataset")
+    p.add_argument("data", help="dataset folder (with data.yaml)")
+    p.set_defaults(func=_check)
+
     p = cmds.add_parser("synth", help="render the synthetic steel-defect dataset")
     p.add_argument("--out", required=True, help="dataset folder to create (YOLO layout)")
     p.add_argument("--images", type=int, default=240, help="number of images (default 240)")
@@ -26,4 +49,39 @@ def _synth(args: argparse.Namespace) -> int:
     out = generate(args.out, images=args.images, size=args.size, seed=args.seed,
                    val_frac=args.val_frac, overwrite=args.force)
     print(f"synthetic dataset: {out} ({args.images} images, {args.size}px); preview: {out / 'preview.png'}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from d3n.data.check import format_counts
+    from d3n.data.importer import REPORT, import_dataset, parse_names
+
+    report = import_dataset(args.src, args.out, fmt=args.format, splits=args.splits, val_frac=args.val_frac,
+                            seed=args.seed, skip_bad=args.skip_bad, names=parse_names(args.names),
+                            force=args.force)
+    print(format_counts(report["counts"], report["names"]))
+    print(f"imported {args.src} ({report['format']}) -> {args.out}; split: {report['split']}")
+    if report["clipped_boxes"]:
+        print(f"{report['clipped_boxes']} box(es) overshot the image by <= 1 px and were clipped")
+    if report["skipped"]:
+        print(f"skipped {report['skipped_files']} bad file(s) ({len(report['skipped'])} problem(s)):")
+        for item in report["skipped"]:
+            print(f"  {item['file']}: {item['reason']}")
+    print(f"report: {args.out}/{REPORT}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from d3n.data.check import check_dataset, format_counts
+
+    layout, counts, problems = check_dataset(args.data)
+    print(f"{layout.root}: {layout.nc} classes")
+    if counts:
+        print(format_counts(counts, layout.names))
+    if problems:
+        print(f"{len(problems)} problem(s):")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print("no problems found")
     return 0

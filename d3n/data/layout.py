@@ -67,11 +67,7 @@ class DatasetLayout:
         return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
     def label_path(self, image: Path) -> Path:
-        parts = list(image.parts)
-        # images/<split>/x.jpg -> labels/<split>/x.txt (the last 'images' in the path)
-        idx = len(parts) - 1 - parts[::-1].index("images")
-        parts[idx] = "labels"
-        return Path(*parts).with_suffix(".txt")
+        return label_path_for(image)
 
     def labels(self, image: Path) -> np.ndarray:
         """(n, 5) float32 array: class, cx, cy, w, h (normalised). Empty (0, 5) if no boxes."""
@@ -87,6 +83,16 @@ class DatasetLayout:
         if arr.shape[1] != 5:
             raise DataError(f"{path}: expected 5 columns (class cx cy w h), got {arr.shape[1]}")
         return arr
+
+
+def label_path_for(image: str | Path) -> Path:
+    """images/<split>/x.jpg -> labels/<split>/x.txt (the last 'images' in the path, as ultralytics does)."""
+    parts = list(Path(image).parts)
+    if "images" not in parts:
+        raise DataError(f"{image}: not inside an images/ folder, so it has no labels/ counterpart")
+    idx = len(parts) - 1 - parts[::-1].index("images")
+    parts[idx] = "labels"
+    return Path(*parts).with_suffix(".txt")
 
 
 def write_data_yaml(root: str | Path, names: list[str] | tuple[str, ...]) -> Path:

@@ -1,0 +1,189 @@
+"""`d3n data import`: a VOC / YOLO / COCO dataset into the d3n YOLO layout (see layout.py).
+
+Every image is decoded fully and every box checked against the decoded size before anything is
+written. Problems are collected across the whole source: without `skip_bad` the import fails
+listing all of them; with it the bad images are left out and listed in DATA/import_report.json.
+The dataset is built in a hidden sibling folder and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from d3n.data.source import Record, Source, detect_format
+from d3n.data.validate import FileProblem, Problem, check_box_px, check_image, fail_with
+from d3n.errors import DataError
+
+log = logging.getLogger(__name__)
+FORMATS = ("voc", "yolo", "coco")
+REPORT = "import_report.json"
+
+
+@dataclass
+class Good:
+    rec: Record
+    rows: list[tuple[int, float, float, float, float]]  # cls cx cy w h, normalised
+    split: str = ""
+
+
+@dataclass
+class Checked:
+    good: list[Good] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    clipped: int = 0
+
+
+def read_source(src: Path, fmt: str | None) -> Source:
+    from d3n.data.coco import read_coco
+    from d3n.data.voc import read_voc
+    from d3n.data.yolo_source import read_yolo
+
+    fmt = fmt or detect_format(src)
+    if fmt not in FORMATS:
+        raise DataError(f"--format must be one of {', '.join(FORMATS)} (got {fmt})")
+    return {"voc": read_voc, "yolo": read_yolo, "coco": read_coco}[fmt](src)
+
+
+def parse_names(value: str | None) -> list[str] | None:
+    """--names: a comma-separated list, or a text file with one class name per line."""
+    if not value:
+        return None
+    path = Path(value)
+    names = path.read_text().splitlines() if path.is_file() else value.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    if len(set(names)) != len(names):
+        raise DataError(f"--names: duplicate class names in {value}")
+    return names
+
+
+def _check_record(rec: Record, index: dict[str, int], out: Checked) -> None:
+    problems = list(rec.problems)
+    rows = []
+    if rec.image is not None and not problems:
+        try:
+            w, h = check_image(rec.image)
+        except FileProblem as exc:
+            problems.append(exc.problem)
+        else:
+            if rec.size and rec.size != (w, h):
+                problems.append(Problem(rec.ann, f"declares size {rec.size[0]}x{rec.size[1]} but "
+                                                 f"{rec.image.name} is {w}x{h}"))
+            for k, (name, *box) in enumerate(rec.boxes, 1):
+                label = f"{rec.image.name} box {k} ({name})"
+                if name not in index:
+                    problems.append(Problem(rec.ann, f"{label}: unknown class '{name}'"))
+                    continue
+                if rec.normalised:
+                    box = [box[0] * w, box[1] * h, box[2] * w, box[3] * h]
+                try:
+                    (x0, y0, x1, y1), clipped = check_box_px(tuple(box), w, h, rec.ann, label)
+                except FileProblem as exc:
+                    problems.append(exc.problem)
+                    continue
+                out.clipped += clipped
+                rows.append((index[name], (x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h))
+    if problems:
+        out.problems += problems
+    else:
+        out.good.append(Good(rec, rows))
+
+
+def check_source(source: Source, names: list[str], progress: bool = True) -> Checked:
+    from tqdm import tqdm
+
+    index = {n: i for i, n in enumerate(names)}
+    out = Checked(problems=list(source.problems))
+    for rec in tqdm(source.records, desc="check", unit="img", disable=not progress):
+        _check_record(rec, index, out)
+    return out
+
+
+def assign_splits(source: Source, good: list[Good], splits_dir: Path | None, val_frac: float | None,
+                  seed: int) -> str:
+    """Set each good record's split; returns how the split was chosen (for the report)."""
+    from d3n.data.splits import from_files, random_split
+
+    stems = [g.rec.stem for g in good]
+    if splits_dir is not None:
+        where, problems = from_files(Path(splits_dir), stems, source.image_stems)
+        fail_with(problems, f"split files in {splits_dir}")
+        policy = f"files in {splits_dir}"
+    elif val_frac is None and all(g.rec.split for g in good) and {g.rec.split for g in good} == {"train", "val"}:
+        where = {g.rec.stem: g.rec.split for g in good}
+        policy = "the source's own train/val"
+    else:
+        frac = 0.2 if val_frac is None else val_frac
+        where = random_split(stems, frac, seed)
+        policy = f"random, val_frac {frac}, seed {seed}"
+    for g in good:
+        g.split = where[g.rec.stem]
+    return policy
+
+
+def _write(tmp: Path, good: list[Good], names: list[str], progress: bool) -> None:
+    from tqdm import tqdm
+
+    from d3n.data.layout import write_data_yaml
+
+    for split in ("train", "val"):
+        (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
+        (tmp / "labels" / split).mkdir(parents=True, exist_ok=True)
+    for g in tqdm(good, desc="copy", unit="img", disable=not progress):
+        assert g.rec.image is not None
+        shutil.copyfile(g.rec.image, tmp / "images" / g.split / (g.rec.stem + g.rec.image.suffix.lower()))
+        lines = "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in g.rows)
+        (tmp / "labels" / g.split / f"{g.rec.stem}.txt").write_text(lines)
+    write_data_yaml(tmp, names)
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise DataError(f"{out}: already exists and is not empty; pick another --out or pass --force")
+
+
+def import_dataset(src: str | Path, out: str | Path, fmt: str | None = None, splits: str | Path | None = None,
+                   val_frac: float | None = None, seed: int = 0, skip_bad: bool = False,
+                   names: list[str] | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Import `src` into `out`; returns the report that is also written to OUT/import_report.json."""
+    from d3n.artifacts import write_json
+    from d3n.data.check import count
+
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise DataError(f"{src}: no such file or folder")
+    _prepare_out(out, force)
+    source = read_source(src, fmt)
+    names = names or source.names
+    checked = check_source(source, names, progress)
+    if not skip_bad:
+        fail_with(checked.problems, f"import of {src} failed (pass --skip-bad to leave bad images out)")
+    if not checked.good:
+        raise DataError(f"{src}: empty dataset: no usable images"
+                        + (f" ({len(checked.problems)} skipped as bad)" if checked.problems else ""))
+    policy = assign_splits(source, checked.good, Path(splits) if splits else None, val_frac, seed)
+    if not any(g.split == "train" for g in checked.good):
+        raise DataError(f"{src}: the train split is empty ({policy})")
+    skipped = sorted(checked.problems, key=lambda p: (str(p.path), p.reason))
+    report = {
+        "source": str(src), "format": source.format, "names": names, "split": policy,
+        "counts": count([(g.split, [r[0] for r in g.rows]) for g in checked.good], names),
+        "clipped_boxes": checked.clipped,
+        "skipped_files": len({p.path for p in skipped}),
+        "skipped": [p.as_dict() for p in skipped],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _write(tmp, checked.good, names, progress)
+        write_json(tmp / REPORT, report)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return report

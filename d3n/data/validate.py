@@ -1,0 +1,120 @@
+"""Validators shared by `d3n data import` and `d3n data check`.
+
+A problem is always a file plus a reason. Importers collect every problem before failing, so a
+user fixes a dataset in one pass instead of one error at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from d3n.data.layout import IMAGE_SUFFIXES
+from d3n.errors import DataError
+
+# Boxes may overshoot the image by this many pixels (rounding in annotation tools); such
+# overshoot is clipped and counted. Anything further out is an error, never clipped silently.
+BOX_TOLERANCE_PX = 1.0
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"file": str(self.path), "reason": self.reason}
+
+
+class FileProblem(Exception):
+    """Raised inside validators; callers turn it into a Problem and carry on collecting."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.problem = Problem(Path(path), reason)
+
+
+def fail_with(problems: list[Problem], what: str) -> None:
+    """Raise one DataError listing every problem (sorted by file, so the list reads in order)."""
+    if not problems:
+        return
+    lines = "\n".join(f"  {p}" for p in sorted(problems, key=lambda p: (str(p.path), p.reason)))
+    raise DataError(f"{what}: {len(problems)} problem(s)\n{lines}")
+
+
+def check_image(path: Path) -> tuple[int, int]:
+    """(width, height) of an image after decoding it fully: a truncated file is caught here."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise FileProblem(path, f"unsupported image type '{path.suffix}' (use one of {', '.join(IMAGE_SUFFIXES)})")
+    try:
+        with Image.open(path) as im:
+            im.verify()  # structure and checksums (PNG CRCs)
+        with Image.open(path) as im:
+            im.load()  # full decode: verify() alone does not read JPEG scan data
+            w, h = im.size
+    except FileNotFoundError:
+        raise FileProblem(path, "image file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise FileProblem(path, f"unreadable or truncated image ({exc})") from None
+    if w < 1 or h < 1:
+        raise FileProblem(path, f"image has no pixels ({w}x{h})")
+    return w, h
+
+
+def check_box_px(box: tuple[float, float, float, float], w: int, h: int, where: Path,
+                 label: str) -> tuple[tuple[float, float, float, float], bool]:
+    """Validate an (x0, y0, x1, y1) pixel box in a w x h image; returns (box, was_clipped)."""
+    x0, y0, x1, y1 = box
+    if not all(np.isfinite(v) for v in box):
+        raise FileProblem(where, f"{label}: non-finite coordinates {box}")
+    if x1 <= x0 or y1 <= y0:
+        raise FileProblem(where, f"{label}: empty box (x {x0:g}..{x1:g}, y {y0:g}..{y1:g})")
+    tol = BOX_TOLERANCE_PX
+    if x0 < -tol or y0 < -tol or x1 > w + tol or y1 > h + tol:
+        raise FileProblem(where, f"{label}: box (x {x0:g}..{x1:g}, y {y0:g}..{y1:g}) "
+                                 f"outside the {w}x{h} image")
+    clipped = (max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1))
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        raise FileProblem(where, f"{label}: box lies on the image border, nothing inside")
+    return clipped, clipped != (x0, y0, x1, y1)
+
+
+def parse_yolo_label(path: Path, nc: int) -> tuple[np.ndarray, list[Problem]]:
+    """Rows of a YOLO label file as (n, 5) [cls cx cy w h]; every bad row is a problem."""
+    rows, problems = [], []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        return np.zeros((0, 5), np.float32), [Problem(path, f"unreadable label file ({exc})")]
+    tol = 1e-4  # normalised coordinates are written with ~6 decimals
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        where = f"line {n}"
+        if len(parts) != 5:
+            problems.append(Problem(path, f"{where}: expected 5 values (class cx cy w h), got {len(parts)}"))
+            continue
+        try:
+            vals = [float(v) for v in parts]
+        except ValueError:
+            problems.append(Problem(path, f"{where}: not numeric: {line.strip()!r}"))
+            continue
+        cls, cx, cy, bw, bh = vals
+        if not all(np.isfinite(vals)):
+            problems.append(Problem(path, f"{where}: non-finite value"))
+        elif cls != int(cls) or not 0 <= cls < nc:
+            problems.append(Problem(path, f"{where}: unknown class id {parts[0]} (dataset has {nc} classes)"))
+        elif bw <= 0 or bh <= 0:
+            problems.append(Problem(path, f"{where}: empty box (w {bw:g}, h {bh:g})"))
+        elif min(cx - bw / 2, cy - bh / 2) < -tol or max(cx + bw / 2, cy + bh / 2) > 1 + tol:
+            problems.append(Problem(path, f"{where}: box ({cx:g} {cy:g} {bw:g} {bh:g}) outside [0, 1]"))
+        else:
+            rows.append(vals)
+    return np.asarray(rows, np.float32).reshape(-1, 5), problems

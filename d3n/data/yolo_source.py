@@ -1,0 +1,80 @@
+"""YOLO reader: data.yaml (names, train/val folders, optional `path`) with images/ and labels/ trees."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from d3n.data.layout import label_path_for
+from d3n.data.source import Record, Source, image_files
+from d3n.data.validate import Problem, parse_yolo_label
+from d3n.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _spec(yaml_path: Path) -> dict:
+    try:
+        spec = yaml.safe_load(yaml_path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{yaml_path}: unreadable ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise DataError(f"{yaml_path}: malformed YAML ({exc})") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{yaml_path}: malformed data.yaml (not a mapping)")
+    return spec
+
+
+def _names(spec: dict, yaml_path: Path) -> list[str]:
+    names = spec.get("names")
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise DataError(f"{yaml_path}: names must be keyed 0..{len(names) - 1}")
+        names = [names[k] for k in sorted(names)]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{yaml_path}: no list of class names")
+    return [str(n) for n in names]
+
+
+def read_yolo(src: Path) -> Source:
+    yaml_path = src if src.is_file() else src / "data.yaml"
+    spec = _spec(yaml_path)
+    names = _names(spec, yaml_path)
+    root = yaml_path.parent / spec["path"] if spec.get("path") else yaml_path.parent
+    if spec.get("test"):
+        log.warning("%s: the test split is not imported (the d3n layout has train and val)", yaml_path)
+    records, problems, stems = [], [], {}
+    for split in ("train", "val"):
+        if not spec.get(split):
+            continue
+        if not isinstance(spec[split], str) or not (root / spec[split]).is_dir():
+            raise DataError(f"{yaml_path}: {split}: '{spec[split]}' is not a folder under {root}")
+        folder = root / spec[split]
+        if "images" not in folder.parts:
+            raise DataError(f"{yaml_path}: {split}: '{folder}' must lie in an images/ tree (labels/ beside it)")
+        for stem, paths in image_files(folder).items():
+            for img in paths:
+                label = label_path_for(img)  # images/... -> labels/... (ultralytics rule)
+                rec = Record(stem=stem, ann=label, image=img, normalised=True, split=split)
+                if stem in stems:
+                    rec.problems.append(Problem(img, f"same stem as {stems[stem]}"))
+                stems.setdefault(stem, img)
+                if not label.exists():
+                    rec.problems.append(Problem(img, f"image without annotation (no {label})"))
+                else:
+                    rows, bad = parse_yolo_label(label, len(names))
+                    rec.problems += bad
+                    rec.boxes = [(names[int(c)], x - w / 2, y - h / 2, x + w / 2, y + h / 2)
+                                 for c, x, y, w, h in rows.tolist()]
+                records.append(rec)
+        labels_dir = label_path_for(folder / "x.jpg").parent
+        split_stems = {r.stem for r in records if r.split == split}
+        if labels_dir.is_dir():
+            for txt in sorted(labels_dir.glob("*.txt")):
+                if txt.stem not in split_stems:
+                    problems.append(Problem(txt, f"annotation without image (no {txt.stem}.* in {folder})"))
+    if not any(spec.get(s) for s in ("train", "val")):
+        raise DataError(f"{yaml_path}: lists no train or val folder")
+    return Source("yolo", root, records, names, problems, image_stems=set(stems))
