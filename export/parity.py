@@ -1,0 +1,165 @@
+"""Parity of an exported model with the torch checkpoint it came from.
+
+Both run on the same letterboxed frames. Reported: the max abs difference of the raw head
+outputs (boxes in input pixels and class scores separately), and whether the detections after
+NMS match (same count and classes, IoU > 0.99 pair by pair). A detection present on one side only
+is tolerated only when its score lies within a few times the measured score difference of the
+confidence threshold (that rounding difference can move such a box across it). Out of tolerance -> ArtifactError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from d3n.errors import ArtifactError
+from d3n.export.nms_graph import MAX_WH, NMSSettings
+
+TOLERANCE = {  # (box px, score) max abs diff
+    "fp32": (2e-2, 2e-3),
+    "fp16": (1.0, 2e-2),
+}
+MATCH_IOU = 0.99
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes (n, 4) x (m, 4)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9)
+
+
+def nms_numpy(raw: np.ndarray, s: NMSSettings) -> np.ndarray:
+    """ultralytics' non_max_suppression on one raw head output (4 + nc, N) -> (k, 6) xyxy, score, cls."""
+    pred = raw.T.astype(np.float32)
+    cls = pred[:, 4:]
+    label = cls.argmax(1)
+    score = cls[np.arange(len(cls)), label]
+    keep = score > s.conf
+    xy, wh = pred[keep, :2], pred[keep, 2:4]
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1)
+    score, label = score[keep], label[keep].astype(np.float32)
+    order = np.argsort(-score, kind="stable")
+    shifted = boxes + label[:, None] * MAX_WH
+    chosen: list[int] = []
+    while order.size and len(chosen) < s.max_det:
+        i = order[0]
+        chosen.append(i)
+        rest = order[1:]
+        order = rest[iou_matrix(shifted[i:i + 1], shifted[rest])[0] <= s.iou]
+    return np.concatenate([boxes, score[:, None], label[:, None]], 1)[chosen].reshape(-1, 6)
+
+
+@dataclass
+class DetectionMatch:
+    n_ref: int = 0
+    n_test: int = 0
+    matched: int = 0
+    unmatched: int = 0  # clear misses (not borderline)
+    min_iou: float = 1.0
+
+
+def match_detections(ref: np.ndarray, test: np.ndarray, conf: float, band: float) -> DetectionMatch:
+    m = DetectionMatch(n_ref=len(ref), n_test=len(test))
+    used = np.zeros(len(test), bool)
+    ious = iou_matrix(ref[:, :4], test[:, :4]) if len(ref) and len(test) else np.zeros((len(ref), len(test)))
+    for i, r in enumerate(ref):
+        cand = np.where(~used & (test[:, 5] == r[5]) & (ious[i] > MATCH_IOU))[0] if len(test) else []
+        if len(cand):
+            j = cand[np.argmax(ious[i, cand])]
+            used[j] = True
+            m.matched += 1
+            m.min_iou = min(m.min_iou, float(ious[i, j]))
+        elif r[4] > conf + band:
+            m.unmatched += 1
+    m.unmatched += int(((~used) & (test[:, 4] > conf + band)).sum()) if len(test) else 0
+    return m
+
+
+@dataclass
+class ParityReport:
+    images: int
+    precision: str
+    max_abs_diff_box: float
+    max_abs_diff_score: float
+    tolerance_box: float
+    tolerance_score: float
+    detections_ref: int
+    detections_test: int
+    detections_matched: int
+    detections_unmatched: int
+    min_match_iou: float
+    nms: dict = field(default_factory=dict)
+    passed: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"parity ({self.images} images, {self.precision}): max |diff| boxes {self.max_abs_diff_box:.3g}px "
+                f"(tol {self.tolerance_box:g}), scores {self.max_abs_diff_score:.3g} (tol {self.tolerance_score:g}); "
+                f"detections {self.detections_matched}/{self.detections_ref} matched, "
+                f"{self.detections_unmatched} unmatched -> {'PASS' if self.passed else 'FAIL'}")
+
+
+def torch_raw(model, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    import torch
+
+    outs = []
+    with torch.inference_mode():
+        for x in inputs:
+            y = model(torch.from_numpy(x))
+            outs.append((y[0] if isinstance(y, (list, tuple)) else y)[0].numpy())
+    return outs
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def ort_run(session, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    name = session.get_inputs()[0].name
+    dtype = np.float16 if "float16" in session.get_inputs()[0].type else np.float32
+    return [session.run(None, {name: x.astype(dtype)})[0][0].astype(np.float32) for x in inputs]
+
+
+def compare(ref: list[np.ndarray], test: list[np.ndarray], precision: str, s: NMSSettings,
+            test_is_nms: bool = False, band: float = 1e-5) -> ParityReport:
+    """ref: torch raw outputs; test: raw outputs, or (max_det, 6) rows when the graph has NMS.
+    band: score distance from the threshold within which a one-sided detection is tolerated
+    (raw outputs: 4x the measured max score difference)."""
+    tol_box, tol_score = TOLERANCE[precision]
+    d_box = d_score = 0.0
+    if not test_is_nms:
+        d_box = max(float(np.abs(r[:4] - t[:4]).max()) for r, t in zip(ref, test, strict=True))
+        d_score = max(float(np.abs(r[4:] - t[4:]).max()) for r, t in zip(ref, test, strict=True))
+        band = 4 * d_score + 1e-7
+    total = DetectionMatch()
+    for r, t in zip(ref, test, strict=True):
+        det_t = t[t[:, 4] > 0] if test_is_nms else nms_numpy(t, s)
+        m = match_detections(nms_numpy(r, s), det_t, s.conf, band)
+        for k in ("n_ref", "n_test", "matched", "unmatched"):
+            setattr(total, k, getattr(total, k) + getattr(m, k))
+        total.min_iou = min(total.min_iou, m.min_iou)
+    passed = d_box <= tol_box and d_score <= tol_score and total.unmatched == 0
+    return ParityReport(images=len(ref), precision=precision, max_abs_diff_box=d_box, max_abs_diff_score=d_score,
+                        tolerance_box=tol_box, tolerance_score=tol_score, detections_ref=total.n_ref,
+                        detections_test=total.n_test, detections_matched=total.matched,
+                        detections_unmatched=total.unmatched, min_match_iou=total.min_iou,
+                        nms=asdict(s), passed=passed)
+
+
+def check_parity(model, onnx_path: Path, inputs: list[np.ndarray], precision: str, s: NMSSettings,
+                 test_is_nms: bool = False, band: float = 1e-5) -> ParityReport:
+    report = compare(torch_raw(model, inputs), ort_run(ort_session(onnx_path), inputs), precision, s,
+                     test_is_nms, band)
+    if not report.passed:
+        raise ArtifactError(f"{onnx_path}: exported model does not match its checkpoint: {report.summary()}")
+    return report
