@@ -72,7 +72,7 @@ class DatasetLayout:
     def labels(self, image: Path) -> np.ndarray:
         """(n, 5) float32 array: class, cx, cy, w, h (normalised). Empty (0, 5) if no boxes."""
         path = self.label_path(image)
-        if not path.exists():
+        if not path.exists() or not path.read_text().strip():  # no file or empty: no boxes
             return np.zeros((0, 5), np.float32)
         try:
             arr = np.loadtxt(path, dtype=np.float32, ndmin=2)

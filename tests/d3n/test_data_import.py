@@ -1,0 +1,274 @@
+"""`d3n data import`: NEU-DET with its splits, every bad-input case, --skip-bad, COCO and YOLO sources."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from d3n.cli import main
+from d3n.data.importer import import_dataset
+from d3n.data.layout import DatasetLayout
+from d3n.errors import DataError
+
+NEU = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "NEU-DET"
+
+
+# ---------------------------------------------------------------- tiny sources built in tmp_path
+
+def _jpeg(path: Path, w: int = 40, h: int = 30, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 255, (h, w), dtype=np.uint8)
+    Image.fromarray(arr, "L").save(path, "JPEG", quality=90)
+    return path
+
+
+def _xml(path: Path, objects: list[tuple], w: int = 40, h: int = 30) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    objs = "".join(f"<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax>"
+                   f"<ymax>{d}</ymax></bndbox></object>" for n, a, b, c, d in objects)
+    path.write_text(f"<annotation><filename>{path.stem}.jpg</filename><size><width>{w}</width>"
+                    f"<height>{h}</height><depth>1</depth></size>{objs}</annotation>")
+    return path
+
+
+def voc(root: Path, n: int = 6) -> Path:
+    """A valid VOC folder: n images, classes 'dent' and 'crack' (so sorted order differs from first-seen)."""
+    for i in range(n):
+        _jpeg(root / "IMAGES" / f"im{i}.jpg", seed=i)
+        _xml(root / "ANNOTATIONS" / f"im{i}.xml", [("dent", 2, 3, 20, 25), ("crack", 10, 5, 39, 29)][: 1 + i % 2])
+    return root
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _fails(src: Path, tmp_path: Path, *names: Path | str, **kw) -> str:
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as exc:
+        import_dataset(src, out, progress=False, **kw)
+    msg = str(exc.value)
+    for name in names:
+        assert str(name) in msg, msg
+    assert not out.exists()  # a failed import leaves nothing that looks like a dataset
+    assert not list(tmp_path.glob(".out.*"))  # nor its temporary folder
+    return msg
+
+
+# ---------------------------------------------------------------- NEU-DET
+
+@pytest.fixture(scope="module")
+def neu(tmp_path_factory):
+    if not (NEU / "ANNOTATIONS").is_dir():
+        pytest.skip(f"NEU-DET not found at {NEU}")
+    out = tmp_path_factory.mktemp("neu") / "data"
+    report = import_dataset(NEU, out, splits=NEU / "splits", progress=False)
+    return out, report
+
+
+def test_neu_det_import_with_splits(neu):
+    out, report = neu
+    layout = DatasetLayout.open(out)
+    assert layout.names == tuple(sorted(layout.names)) and layout.nc == 6
+    assert len(layout.images("train")) == 1200 and len(layout.images("val")) == 300
+    xml_objects = sum(len(re.findall(r"<object>", p.read_text())) for p in (NEU / "ANNOTATIONS").glob("*.xml"))
+    boxes = sum(len(layout.labels(p)) for s in ("train", "val") for p in layout.images(s))
+    assert boxes == xml_objects
+    assert report["counts"]["train"]["boxes"] + report["counts"]["val"]["boxes"] == xml_objects
+    val_stems = {ln.strip() for ln in (NEU / "splits" / "val.txt").read_text().split()}
+    assert {p.stem for p in layout.images("val")} == val_stems
+    first = layout.images("train")[0]
+    assert first.read_bytes() == (NEU / "IMAGES" / first.name).read_bytes()  # original bytes kept
+    assert not report["skipped"]
+
+
+# ---------------------------------------------------------------- the good paths
+
+def test_voc_random_split_sorted_names(tmp_path):
+    report = import_dataset(voc(tmp_path / "src", n=10), tmp_path / "out", val_frac=0.3, seed=1, progress=False)
+    layout = DatasetLayout.open(tmp_path / "out")
+    assert layout.names == ("crack", "dent")
+    assert len(layout.images("train")) == 7 and len(layout.images("val")) == 3
+    (im1,) = [p for s in ("train", "val") for p in layout.images(s) if p.stem == "im1"]
+    lab = layout.labels(im1)
+    np.testing.assert_allclose(lab[0], [1, 11 / 40, 14 / 30, 18 / 40, 22 / 30], atol=1e-5)  # dent -> 1
+    assert json.loads((tmp_path / "out" / "import_report.json").read_text())["format"] == "voc"
+    assert report["skipped"] == []
+
+
+def test_coco_import(tmp_path):
+    src = tmp_path / "coco"
+    for i in range(4):
+        _jpeg(src / "images" / f"c{i}.jpg", seed=i)
+    spec = {
+        "images": [{"id": i + 1, "file_name": f"c{i}.jpg", "width": 40, "height": 30} for i in range(4)],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [4, 5, 10, 10]},
+                        {"id": 2, "image_id": 2, "category_id": 3, "bbox": [0, 0, 40, 30]},
+                        {"id": 3, "image_id": 3, "category_id": 7, "bbox": [1, 1, 2, 2]}],
+        "categories": [{"id": 7, "name": "zeta"}, {"id": 3, "name": "alpha"}],
+    }
+    (src / "annotations").mkdir()
+    (src / "annotations" / "instances.json").write_text(json.dumps(spec))
+    import_dataset(src, tmp_path / "out", val_frac=0.25, progress=False)
+    layout = DatasetLayout.open(tmp_path / "out")
+    assert layout.names == ("alpha", "zeta")  # category order by id
+    rows = {p.stem: layout.labels(p) for s in ("train", "val") for p in layout.images(s)}
+    assert sorted(rows) == ["c0", "c1", "c2", "c3"] and len(rows["c3"]) == 0  # listed, no boxes: empty image
+    np.testing.assert_allclose(rows["c0"][0], [1, 9 / 40, 10 / 30, 10 / 40, 10 / 30], atol=1e-5)
+    np.testing.assert_allclose(rows["c1"][0], [0, 0.5, 0.5, 1, 1], atol=1e-5)
+
+
+def _yolo(root: Path) -> Path:
+    for split, n in (("train", 3), ("val", 2)):
+        for i in range(n):
+            _jpeg(root / "images" / split / f"{split}{i}.jpg", seed=i)
+            lab = root / "labels" / split / f"{split}{i}.txt"
+            lab.parent.mkdir(parents=True, exist_ok=True)
+            lab.write_text("1 0.5 0.5 0.2 0.4\n0 0.25 0.25 0.1 0.1\n")
+    (root / "data.yaml").write_text(yaml.safe_dump({"names": ["b", "a"], "train": "images/train",
+                                                    "val": "images/val"}))
+    return root
+
+
+def test_yolo_import_keeps_names_and_splits(tmp_path):
+    import_dataset(_yolo(tmp_path / "y"), tmp_path / "out", progress=False)
+    layout = DatasetLayout.open(tmp_path / "out")
+    assert layout.names == ("b", "a")  # as given
+    assert [p.stem for p in layout.images("val")] == ["val0", "val1"]
+    np.testing.assert_allclose(layout.labels(layout.images("train")[0]),
+                               [[1, 0.5, 0.5, 0.2, 0.4], [0, 0.25, 0.25, 0.1, 0.1]], atol=1e-5)
+
+
+# ---------------------------------------------------------------- every bad input names the file
+
+def test_truncated_image(tmp_path):
+    src = voc(tmp_path / "src")
+    _truncate(src / "IMAGES" / "im2.jpg")
+    assert "truncated" in _fails(src, tmp_path, src / "IMAGES" / "im2.jpg")
+
+
+def test_unreadable_image(tmp_path):
+    src = voc(tmp_path / "src")
+    (src / "IMAGES" / "im3.jpg").write_bytes(b"not an image at all")
+    _fails(src, tmp_path, src / "IMAGES" / "im3.jpg")
+
+
+def test_annotation_without_image(tmp_path):
+    src = voc(tmp_path / "src")
+    (src / "IMAGES" / "im1.jpg").unlink()
+    assert "annotation without image" in _fails(src, tmp_path, src / "ANNOTATIONS" / "im1.xml")
+
+
+def test_image_without_annotation(tmp_path):
+    src = voc(tmp_path / "src")
+    (src / "ANNOTATIONS" / "im4.xml").unlink()
+    assert "image without annotation" in _fails(src, tmp_path, src / "IMAGES" / "im4.jpg")
+
+
+def test_box_out_of_bounds(tmp_path):
+    src = voc(tmp_path / "src")
+    _xml(src / "ANNOTATIONS" / "im0.xml", [("dent", 2, 3, 45, 25)])  # image is 40 wide
+    assert "outside the 40x30 image" in _fails(src, tmp_path, src / "ANNOTATIONS" / "im0.xml")
+
+
+def test_box_within_one_pixel_is_clipped_and_counted(tmp_path):
+    src = voc(tmp_path / "src")
+    _xml(src / "ANNOTATIONS" / "im0.xml", [("dent", 0, 0, 40.6, 30)])
+    report = import_dataset(src, tmp_path / "out", progress=False)
+    assert report["clipped_boxes"] == 1
+
+
+def test_empty_box(tmp_path):
+    src = voc(tmp_path / "src")
+    _xml(src / "ANNOTATIONS" / "im5.xml", [("dent", 10, 3, 10, 25)])
+    assert "empty box" in _fails(src, tmp_path, src / "ANNOTATIONS" / "im5.xml")
+
+
+def test_unknown_class_with_names(tmp_path):
+    src = voc(tmp_path / "src")
+    _xml(src / "ANNOTATIONS" / "im2.xml", [("rust", 2, 3, 20, 25)])
+    msg = _fails(src, tmp_path, src / "ANNOTATIONS" / "im2.xml", names=["crack", "dent"])
+    assert "unknown class 'rust'" in msg
+
+
+def test_malformed_xml(tmp_path):
+    src = voc(tmp_path / "src")
+    (src / "ANNOTATIONS" / "im3.xml").write_text("<annotation><object><name>dent</name>")
+    assert "malformed XML" in _fails(src, tmp_path, src / "ANNOTATIONS" / "im3.xml")
+
+
+def test_malformed_json(tmp_path):
+    src = tmp_path / "coco"
+    _jpeg(src / "images" / "a.jpg")
+    (src / "ann.json").write_text('{"images": [], "annotations": [')
+    assert "malformed JSON" in _fails(src / "ann.json", tmp_path, src / "ann.json")
+
+
+def test_empty_dataset(tmp_path):
+    src = tmp_path / "src"
+    (src / "IMAGES").mkdir(parents=True)
+    (src / "ANNOTATIONS").mkdir()
+    assert "empty dataset" in _fails(src, tmp_path, src)
+
+
+def test_yolo_bad_rows_and_unknown_class_id(tmp_path):
+    src = _yolo(tmp_path / "y")
+    bad = src / "labels" / "train" / "train1.txt"
+    bad.write_text("0 0.5 0.5 0.2\n5 0.5 0.5 0.2 0.2\n0 0.9 0.5 0.4 0.2\n")
+    msg = _fails(src, tmp_path, bad)
+    assert "line 1: expected 5 values" in msg and "line 2: unknown class id 5" in msg
+    assert "line 3: box" in msg and "outside" in msg
+
+
+def test_split_file_stem_without_image(tmp_path):
+    src = voc(tmp_path / "src", n=4)
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "train.txt").write_text("im0\nim1\nim2\n")
+    (splits / "val.txt").write_text("im3\nghost\n")
+    assert "'ghost' has no image" in _fails(src, tmp_path, splits / "val.txt", splits=splits)
+
+
+def test_all_problems_listed_together(tmp_path):
+    src = voc(tmp_path / "src", n=8)
+    _truncate(src / "IMAGES" / "im0.jpg")
+    (src / "IMAGES" / "im1.jpg").unlink()
+    _xml(src / "ANNOTATIONS" / "im2.xml", [("dent", 2, 3, 99, 25)])
+    (src / "ANNOTATIONS" / "im3.xml").write_text("<oops")
+    msg = _fails(src, tmp_path, "im0.jpg", "im1.xml", "im2.xml", "im3.xml")
+    assert "4 problem(s)" in msg
+
+
+def test_skip_bad_imports_the_rest_and_reports(tmp_path):
+    src = voc(tmp_path / "src", n=8)
+    _truncate(src / "IMAGES" / "im0.jpg")
+    (src / "ANNOTATIONS" / "im5.xml").write_text("<oops")
+    report = import_dataset(src, tmp_path / "out", skip_bad=True, progress=False)
+    layout = DatasetLayout.open(tmp_path / "out")
+    kept = {p.stem for s in ("train", "val") for p in layout.images(s)}
+    assert kept == {f"im{i}" for i in (1, 2, 3, 4, 6, 7)}
+    on_disk = json.loads((tmp_path / "out" / "import_report.json").read_text())
+    assert on_disk["skipped_files"] == report["skipped_files"] == 2
+    files = {item["file"] for item in on_disk["skipped"]}
+    assert files == {str(src / "IMAGES" / "im0.jpg"), str(src / "ANNOTATIONS" / "im5.xml")}
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_import_exit_codes(tmp_path, capsys):
+    src = voc(tmp_path / "src", n=6)
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "a"), "--seed", "2"]) == 0
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "a")]) == 1  # exists, no --force
+    _truncate(src / "IMAGES" / "im4.jpg")
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "b"), "--format", "voc"]) == 1
+    assert str(src / "IMAGES" / "im4.jpg") in capsys.readouterr().err
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "b"), "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 bad file(s)" in out and str(src / "IMAGES" / "im4.jpg") in out
