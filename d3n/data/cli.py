@@ -63,9 +63,10 @@ def _import(args: argparse.Namespace) -> int:
     print(f"imported {args.src} ({report['format']}) -> {args.out}; split: {report['split']}")
     if report["clipped_boxes"]:
         print(f"{report['clipped_boxes']} box(es) overshot the image by <= 1 px and were clipped")
-    if report["skipped"]:
-        print(f"skipped {report['skipped_files']} bad file(s) ({len(report['skipped'])} problem(s)):")
-        for item in report["skipped"]:
+    if report["skipped_count"]:
+        print(f"skipped {report['skipped_count']} bad image(s): {', '.join(report['skipped_files'])}")
+        print(f"because of {len(report['problems'])} problem(s):")
+        for item in report["problems"]:
             print(f"  {item['file']}: {item['reason']}")
     print(f"report: {args.out}/{REPORT}")
     return 0

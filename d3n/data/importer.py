@@ -34,6 +34,7 @@ class Good:
 class Checked:
     good: list[Good] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # each left-out image (or annotation, if no image)
     clipped: int = 0
 
 
@@ -88,6 +89,7 @@ def _check_record(rec: Record, index: dict[str, int], out: Checked) -> None:
                 rows.append((index[name], (x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h))
     if problems:
         out.problems += problems
+        out.skipped.append(rec.item())
     else:
         out.good.append(Good(rec, rows))
 
@@ -96,7 +98,7 @@ def check_source(source: Source, names: list[str], progress: bool = True) -> Che
     from tqdm import tqdm
 
     index = {n: i for i, n in enumerate(names)}
-    out = Checked(problems=list(source.problems))
+    out = Checked(problems=list(source.problems), skipped=[str(p.path) for p in source.problems])
     for rec in tqdm(source.records, desc="check", unit="img", disable=not progress):
         _check_record(rec, index, out)
     return out
@@ -172,8 +174,9 @@ def import_dataset(src: str | Path, out: str | Path, fmt: str | None = None, spl
         "source": str(src), "format": source.format, "names": names, "split": policy,
         "counts": count([(g.split, [r[0] for r in g.rows]) for g in checked.good], names),
         "clipped_boxes": checked.clipped,
-        "skipped_files": len({p.path for p in skipped}),
-        "skipped": [p.as_dict() for p in skipped],
+        "skipped_count": len(set(checked.skipped)),
+        "skipped_files": sorted(set(checked.skipped)),
+        "problems": [p.as_dict() for p in skipped],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -28,6 +28,12 @@ class Record:
     split: str | None = None  # the source's own split, if it has one
     problems: list[Problem] = field(default_factory=list)  # found while parsing this annotation
 
+    def item(self) -> str:
+        """How a skipped record is named: its image, else its annotation (+ stem in a shared JSON)."""
+        if self.image is not None:
+            return str(self.image)
+        return f"{self.ann}:{self.stem}" if self.ann.suffix == ".json" else str(self.ann)
+
 
 @dataclass
 class Source:

@@ -86,7 +86,7 @@ def test_neu_det_import_with_splits(neu):
     assert {p.stem for p in layout.images("val")} == val_stems
     first = layout.images("train")[0]
     assert first.read_bytes() == (NEU / "IMAGES" / first.name).read_bytes()  # original bytes kept
-    assert not report["skipped"]
+    assert report["skipped_count"] == 0 and not report["problems"]
 
 
 # ---------------------------------------------------------------- the good paths
@@ -100,7 +100,24 @@ def test_voc_random_split_sorted_names(tmp_path):
     lab = layout.labels(im1)
     np.testing.assert_allclose(lab[0], [1, 11 / 40, 14 / 30, 18 / 40, 22 / 30], atol=1e-5)  # dent -> 1
     assert json.loads((tmp_path / "out" / "import_report.json").read_text())["format"] == "voc"
-    assert report["skipped"] == []
+    assert report["skipped_count"] == 0
+
+
+def test_coco_skip_bad_counts_images_not_json_files(tmp_path):
+    src = tmp_path / "coco"
+    for i in range(3):
+        _jpeg(src / f"c{i}.jpg", seed=i)
+    spec = {"images": [{"id": i, "file_name": f"c{i}.jpg"} for i in range(3)] + [{"id": 9, "file_name": "gone.jpg"}],
+            "annotations": [{"id": 1, "image_id": 0, "category_id": 1, "bbox": [4, 5, 10, 10]},
+                            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [4, 5, 10, 10]},
+                            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [4, 5, 0, 10]}],
+            "categories": [{"id": 1, "name": "a"}]}
+    (src / "ann.json").write_text(json.dumps(spec))
+    msg = _fails(src, tmp_path, src / "ann.json")
+    assert "unknown category_id 2" in msg and "empty box" in msg and "'gone.jpg' not found" in msg
+    report = import_dataset(src, tmp_path / "out", skip_bad=True, progress=False)
+    assert report["skipped_count"] == 3
+    assert report["skipped_files"] == sorted([str(src / "c1.jpg"), str(src / "c2.jpg"), f"{src / 'ann.json'}:gone"])
 
 
 def test_coco_import(tmp_path):
@@ -255,8 +272,9 @@ def test_skip_bad_imports_the_rest_and_reports(tmp_path):
     kept = {p.stem for s in ("train", "val") for p in layout.images(s)}
     assert kept == {f"im{i}" for i in (1, 2, 3, 4, 6, 7)}
     on_disk = json.loads((tmp_path / "out" / "import_report.json").read_text())
-    assert on_disk["skipped_files"] == report["skipped_files"] == 2
-    files = {item["file"] for item in on_disk["skipped"]}
+    assert on_disk["skipped_count"] == report["skipped_count"] == 2
+    assert on_disk["skipped_files"] == [str(src / "IMAGES" / "im0.jpg"), str(src / "IMAGES" / "im5.jpg")]
+    files = {item["file"] for item in on_disk["problems"]}
     assert files == {str(src / "IMAGES" / "im0.jpg"), str(src / "ANNOTATIONS" / "im5.xml")}
 
 
@@ -271,4 +289,4 @@ def test_cli_import_exit_codes(tmp_path, capsys):
     assert str(src / "IMAGES" / "im4.jpg") in capsys.readouterr().err
     assert main(["data", "import", str(src), "--out", str(tmp_path / "b"), "--skip-bad"]) == 0
     out = capsys.readouterr().out
-    assert "skipped 1 bad file(s)" in out and str(src / "IMAGES" / "im4.jpg") in out
+    assert "skipped 1 bad image(s)" in out and str(src / "IMAGES" / "im4.jpg") in out
