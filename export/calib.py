@@ -1,8 +1,8 @@
-"""Images for calibration, parity and evaluation, letterboxed exactly as the runtime feeds them.
+"""Images for calibration and parity checks, prepared by the runtime's own preprocessing.
 
-The letterbox is ultralytics' (`LetterBox(auto=False, center=True)`): scale to fit, centre, pad
-with grey 114, BGR -> RGB, HWC -> CHW, /255. INT8 scales calibrated on differently prepared
-images would not match what the deployed model sees.
+INT8 scales calibrated on differently prepared images (another resize, padding or channel
+order) would not match what the deployed model sees, so this reuses `d3n.runtime.preprocess`
+(ultralytics' letterbox: fit, centre, pad 114, BGR -> RGB, CHW, /255).
 """
 
 from __future__ import annotations
@@ -20,19 +20,12 @@ PAD_VALUE = 114
 
 
 def letterbox(img_bgr: np.ndarray, imgsz: tuple[int, int], pad_value: int = PAD_VALUE) -> np.ndarray:
-    """BGR HxWx3 uint8 -> (3, h, w) float32 RGB in [0, 1], letterboxed to imgsz = (h, w)."""
-    h0, w0 = img_bgr.shape[:2]
-    th, tw = imgsz
-    r = min(th / h0, tw / w0)
-    nw, nh = int(round(w0 * r)), int(round(h0 * r))
-    if (nw, nh) != (w0, h0):
-        img_bgr = cv2.resize(img_bgr, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    dw, dh = (tw - nw) / 2, (th - nh) / 2
-    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
-    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
-    img = cv2.copyMakeBorder(img_bgr, top, bottom, left, right, cv2.BORDER_CONSTANT,
-                             value=(pad_value,) * 3)
-    return np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0
+    """BGR HxWx3 uint8 -> (3, h, w) float32 RGB in [0, 1], through the runtime's own letterbox."""
+    from d3n.runtime.preprocess import letterbox as runtime_letterbox
+    from d3n.runtime.preprocess import to_blob
+
+    img, _ = runtime_letterbox(img_bgr, imgsz, pad_value)
+    return to_blob(img)[0]
 
 
 def read_image(path: Path) -> np.ndarray:

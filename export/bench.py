@@ -1,0 +1,238 @@
+"""`d3n bench`: one checkpoint measured side by side, in one run, on one machine.
+
+- model-only latency (p50/p99) and FPS for every available backend: ORT CPU FP32, ORT CPU INT8,
+  and ORT CUDA / TensorRT EP / native TensorRT engine when a GPU is present;
+- torch eager on the same checkpoint (model-only);
+- end-to-end FPS of the d3n runtime pipeline on a video (FP32 and INT8);
+- ultralytics' own predictor on the same ONNX file and video (`stream=True`), the tool users
+  would otherwise reach for.
+Targets (reported, not asserted): e2e FPS >= 0.95 x model-only FPS; INT8 latency <= 0.45 x FP32.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from d3n.artifacts import write_json
+from d3n.errors import D3NError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchOptions:
+    model: Path
+    source: Path | None = None
+    imgsz: tuple[int, int] = (640, 640)
+    json: Path | None = None
+    frames: int = 200
+    iters: int = 100
+    calib: Path | None = None
+    out: Path | None = None
+    warmup: int = 5
+
+
+def hardware() -> dict:
+    """CPU model and core count as lscpu reports them, plus the GPU when there is one."""
+    info = {"platform": platform.platform(), "python": platform.python_version()}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        info["cpu"] = fields.get("Model name", "?").strip()
+        info["cores"] = fields.get("CPU(s)", "?").strip()
+    except (OSError, subprocess.SubprocessError):
+        info["cpu"], info["cores"] = platform.processor() or "?", "?"
+    from d3n.export.cudart import device_count
+
+    info["cuda_devices"] = device_count()
+    return info
+
+
+def latency(fn, iters: int, warmup: int) -> dict:
+    """p50/p99 latency (ms) and FPS of `fn()` over `iters` timed calls."""
+    from tqdm import tqdm
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in tqdm(range(iters), desc="timing", unit="it", leave=False):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    t = np.asarray(times) * 1000
+    return {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+            "fps": float(1000.0 / t.mean()), "iters": iters}
+
+
+def make_video(frames: list[np.ndarray], path: Path, n: int, fps: float = 25.0) -> Path:
+    """An mp4 of `n` frames cycling through `frames` (all resized to the first one's size)."""
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if not writer.isOpened():
+        raise D3NError(f"{path}: OpenCV cannot write an mp4 video here")
+    for i in range(n):
+        writer.write(cv2.resize(frames[i % len(frames)], (w, h)))
+    writer.release()
+    return path
+
+
+def backend_latency(model: Path, device: str, opts: BenchOptions) -> dict:
+    from d3n.runtime.backends import open_backend
+
+    be = open_backend(model, device=device)
+    try:
+        blob = np.random.default_rng(0).random(be.input_shape, dtype=np.float32)
+        res = latency(lambda: be.infer(blob), opts.iters, opts.warmup)
+        return {"backend": be.name, "model": model.name, **res}
+    finally:
+        be.close()
+
+
+def torch_latency(ckpt_path: Path, opts: BenchOptions) -> dict:
+    import torch
+
+    from d3n.export.checkpoint import load_checkpoint
+
+    model = load_checkpoint(ckpt_path).torch_model()
+    x = torch.rand(1, 3, *opts.imgsz)
+
+    def run():
+        with torch.inference_mode():
+            model(x)
+
+    return {"backend": f"torch-eager-cpu ({torch.get_num_threads()} threads)", "model": ckpt_path.name,
+            **latency(run, max(10, opts.iters // 2), 2)}
+
+
+def pipeline_fps(model: Path, video: Path, opts: BenchOptions) -> dict:
+    from d3n.runtime.pipeline import run_pipeline
+
+    s = run_pipeline(model, str(video), sinks=(), device="cpu", warmup=opts.warmup, max_frames=opts.frames)
+    return {"model": model.name, "backend": s["backend"], "frames": s["frames"], "fps": s["mean_fps"],
+            "latency_ms": s["latency_ms"]}
+
+
+def ultralytics_fps(model: Path, video: Path, opts: BenchOptions) -> dict:
+    from d3n.offline import ultralytics
+
+    yolo = ultralytics().YOLO(str(model), task="detect")
+    size = opts.imgsz[0] if opts.imgsz[0] == opts.imgsz[1] else list(opts.imgsz)
+    n, t0 = 0, None
+    for _ in yolo.predict(source=str(video), imgsz=size, device="cpu", stream=True, verbose=False):
+        n += 1
+        if n == opts.warmup:
+            t0 = time.perf_counter()  # skip the warm-up frames, as the d3n run does
+        if n >= opts.frames:
+            break
+    if t0 is None or n <= opts.warmup:
+        raise D3NError(f"{video}: too few frames for the ultralytics predictor run ({n})")
+    return {"model": model.name, "frames": n, "fps": (n - opts.warmup) / (time.perf_counter() - t0)}
+
+
+def _export_models(opts: BenchOptions, out: Path) -> dict[str, Path]:
+    from d3n.data.synth import generate
+    from d3n.export.exporter import ExportOptions, export_model
+
+    data = opts.calib or generate(out / "synth", images=64, size=256, progress=False)
+    res = export_model(ExportOptions(model=opts.model, format="onnx-int8", imgsz=opts.imgsz, calib=Path(data),
+                                     out=out, calib_images=64 if opts.calib is None else 128))
+    models = {"fp32": out / "model.onnx", "int8": res.model, "data": Path(data)}
+    models["metrics"] = res.extra.get("metrics", {})
+    return models
+
+
+def _gpu_rows(fp32: Path, opts: BenchOptions, out: Path) -> list[dict]:
+    """ORT CUDA / TensorRT EP and a native FP16 engine, when the machine has them."""
+    rows = []
+    if hardware()["cuda_devices"] == 0:
+        return rows
+    for device in ("cuda", "tensorrt"):
+        try:
+            rows.append(backend_latency(fp32, device, opts))
+        except D3NError as exc:
+            log.warning("bench: %s backend not available: %s", device, exc)
+    try:
+        from d3n.export.exporter import ExportOptions, export_model
+
+        eng = export_model(ExportOptions(model=opts.model, format="engine", imgsz=opts.imgsz, half=True,
+                                         out=out / "model.engine")).model
+        rows.append(backend_latency(eng, "tensorrt", opts))
+    except D3NError as exc:
+        log.warning("bench: TensorRT engine not available: %s", exc)
+    return rows
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    if not opts.model.is_file() or opts.model.suffix != ".pt":
+        raise D3NError(f"{opts.model}: d3n bench takes an ultralytics .pt checkpoint")
+    with tempfile.TemporaryDirectory(prefix="d3n-bench-") as tmp:
+        out = opts.out or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        m = _export_models(opts, out)
+        video = opts.source or _default_video(m["data"], out, opts.frames)
+        if not Path(video).exists():
+            raise D3NError(f"{video}: video not found")
+        result = {"hardware": hardware(), "imgsz": list(opts.imgsz), "checkpoint": str(opts.model),
+                  "video": str(opts.source or "generated from the dataset's val images"),
+                  "model_only": [backend_latency(m["fp32"], "cpu", opts), backend_latency(m["int8"], "cpu", opts),
+                                 *_gpu_rows(m["fp32"], opts, out), torch_latency(opts.model, opts)],
+                  "end_to_end": {"d3n_fp32": pipeline_fps(m["fp32"], video, opts),
+                                 "d3n_int8": pipeline_fps(m["int8"], video, opts),
+                                 "ultralytics_fp32": ultralytics_fps(m["fp32"], video, opts)},
+                  "accuracy": m["metrics"]}
+        result["ratios"] = ratios(result)
+        path = opts.json or out / "bench.json"
+        write_json(path, result)
+    print(table(result))
+    print(f"results written to {path}")
+    return result
+
+
+def _default_video(data: Path, out: Path, n: int) -> Path:
+    from d3n.export.calib import dataset_images, read_image
+
+    frames = [read_image(p) for p in dataset_images(data, "val", 50)]
+    return make_video(frames, out / "bench.mp4", n + 10)
+
+
+def ratios(r: dict) -> dict:
+    mo = {row["model"]: row for row in r["model_only"] if row["backend"] == "onnxruntime-cpu"}
+    fp32, int8 = mo.get("model.onnx"), next((v for k, v in mo.items() if k.endswith(".int8.onnx")), None)
+    e2e = r["end_to_end"]
+    out = {}
+    if fp32:
+        out["e2e_over_model_only_fp32"] = e2e["d3n_fp32"]["fps"] / fp32["fps"]  # target >= 0.95
+        out["ultralytics_e2e_over_model_only_fp32"] = e2e["ultralytics_fp32"]["fps"] / fp32["fps"]
+        out["d3n_over_ultralytics_e2e"] = e2e["d3n_fp32"]["fps"] / e2e["ultralytics_fp32"]["fps"]
+    if int8:
+        out["e2e_over_model_only_int8"] = e2e["d3n_int8"]["fps"] / int8["fps"]
+    if fp32 and int8:
+        out["int8_over_fp32_latency_p50"] = int8["p50_ms"] / fp32["p50_ms"]  # target <= 0.45
+    acc = r.get("accuracy") or {}
+    if "mAP50_drop" in acc:
+        out["int8_mAP50_drop_points"] = acc["mAP50_drop"]  # target <= 1.0
+    return out
+
+
+def table(r: dict) -> str:
+    hw = r["hardware"]
+    lines = [f"d3n bench  imgsz {r['imgsz']}  on {hw.get('cpu')} ({hw.get('cores')} CPUs, "
+             f"{hw.get('cuda_devices')} CUDA devices)", "",
+             f"{'model-only':<44}{'p50 ms':>9}{'p99 ms':>9}{'FPS':>8}"]
+    for row in r["model_only"]:
+        lines.append(f"{row['backend'] + ' ' + row['model']:<44}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
+                     f"{row['fps']:>8.2f}")
+    lines += ["", f"{'end-to-end (video)':<44}{'FPS':>26}"]
+    for name, row in r["end_to_end"].items():
+        lines.append(f"{name + ' ' + row['model']:<44}{row['fps']:>26.2f}")
+    lines += [""] + [f"{k:<44}{v:>26.3f}" for k, v in r["ratios"].items()]
+    return "\n".join(lines)
