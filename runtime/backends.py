@@ -1,0 +1,112 @@
+"""Inference backends behind one small interface, and `open_backend` to pick one.
+
+Public API (used by `d3n run` and `d3n bench`; keep it stable):
+
+    backend = open_backend("model.onnx", device="auto")   # or "cpu" | "cuda" | "tensorrt"
+    backend.name          # e.g. "onnxruntime-cpu", "onnxruntime-tensorrt", "tensorrt"
+    backend.sidecar       # d3n.sidecar.Sidecar, checked against the model file (sha256)
+    backend.input_shape   # (1, 3, h, w)
+    backend.warmup(n)     # n timed runs on a zero blob; returns seconds taken (logged)
+    out = backend.infer(blob)   # (1, 3, h, w) float blob -> first output as np.ndarray
+
+`.onnx` files run on ONNX Runtime (TensorRT EP > CUDA EP > CPU EP, the best available unless
+`device` says otherwise); `.engine`/`.plan` files are plain TensorRT engines run natively.
+Every model must have its sidecar beside it (`model.onnx` -> `model.json`), and it must match.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from d3n import sidecar as sidecar_mod
+from d3n.errors import ArtifactError, ConfigError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+class Backend:
+    """One loaded model. Subclasses set `name`, `input_shape`, `input_dtype` and `_run`."""
+
+    name: str = "?"
+    input_shape: tuple[int, int, int, int]
+    input_dtype: np.dtype = np.dtype(np.float32)
+
+    def __init__(self, model_path: Path, sidecar: sidecar_mod.Sidecar):
+        self.model_path = Path(model_path)
+        self.sidecar = sidecar
+
+    def infer(self, blob: np.ndarray) -> np.ndarray:
+        """Run one (1, 3, h, w) blob; returns the model's first output."""
+        if tuple(blob.shape) != tuple(self.input_shape):
+            raise ValueError(f"{self.model_path.name}: input blob shape {tuple(blob.shape)} != "
+                             f"model input {tuple(self.input_shape)}")
+        return self._run(np.ascontiguousarray(blob, dtype=self.input_dtype))
+
+    def _run(self, blob: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def warmup(self, n: int = 1) -> float:
+        """Run `n` inferences on a zero blob (first runs allocate, tune and, for TensorRT EP,
+        build the engine); returns the seconds taken and logs them."""
+        blob = np.zeros(self.input_shape, dtype=self.input_dtype)
+        log.info("%s: warming up %s (%d run%s)...", self.name, self.model_path.name, n, "s" * (n != 1))
+        t0 = time.perf_counter()
+        for _ in range(max(n, 0)):
+            self._run(blob)
+        dt = time.perf_counter() - t0
+        log.info("%s: warm-up done in %.2f s", self.name, dt)
+        return dt
+
+    def close(self) -> None:
+        """Release native resources (sessions, device buffers)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.model_path.name} {self.input_shape}>"
+
+
+def check_input_shape(model_path: Path, sc: sidecar_mod.Sidecar, shape) -> tuple[int, int, int, int]:
+    """The (1, 3, h, w) input shape, checked against the sidecar's imgsz; dynamic dims filled."""
+    want = (1, 3, int(sc.imgsz[0]), int(sc.imgsz[1]))
+    dims = list(shape)
+    if len(dims) != 4:
+        raise ArtifactError(f"{model_path}: expected a 4-D image input, model has {dims}")
+    for i, (have, expect) in enumerate(zip(dims, want, strict=False)):
+        if isinstance(have, int) and have > 0 and have != expect:
+            raise ArtifactError(f"{model_path}: input dim {i} is {have}, sidecar "
+                                f"{sidecar_mod.sidecar_path(model_path).name} says {expect} "
+                                f"(imgsz {sc.imgsz}); the sidecar does not match this model")
+    return want
+
+
+def open_backend(model_path: str | Path, device: str = "auto", **options) -> Backend:
+    """Load `model_path` with its checked sidecar on the best backend for `device`.
+
+    device: "auto" (best available), "cpu", "cuda" or "tensorrt". ONNX files go to ONNX Runtime;
+    engine files to native TensorRT (GPU only). Options are passed to the backend (ONNX Runtime:
+    `trt_cache_dir`, `intra_op_threads`). Raises ArtifactError for a missing/corrupt model or a
+    sidecar that does not match, ConfigError for an unavailable device.
+    """
+    if device not in DEVICES:
+        raise ConfigError(f"--device: '{device}' is not one of {', '.join(DEVICES)}")
+    model_path = Path(model_path)
+    sc = sidecar_mod.load(model_path)  # missing model / sidecar / hash mismatch -> ArtifactError
+    if model_path.suffix.lower() in ENGINE_SUFFIXES:
+        if device == "cpu" or device == "cuda":
+            raise ConfigError(f"{model_path}: a TensorRT engine runs only with --device tensorrt "
+                              f"or auto, not '{device}' (use the ONNX model for {device})")
+        from d3n.runtime.trt_backend import TensorRTBackend
+
+        return TensorRTBackend(model_path, sc)
+    if model_path.suffix.lower() != ".onnx":
+        raise ArtifactError(f"{model_path}: unknown model type '{model_path.suffix}' "
+                            f"(expected .onnx or {'/'.join(ENGINE_SUFFIXES)})")
+    from d3n.runtime.ort_backend import OrtBackend
+
+    return OrtBackend(model_path, sc, device=device, **options)

@@ -1,0 +1,103 @@
+"""`d3n run`: the edge runtime on a camera, stream, video or image folder.
+
+Imports only argparse/stdlib at module level; the handler imports the runtime (numpy, OpenCV,
+onnxruntime), never torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+sources: 0 (camera index), /dev/video0 (V4L2), a GStreamer pipeline (contains '!', e.g.
+  "nvarguscamerasrc ! video/x-raw(memory:NVMM),width=1920,height=1080 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=1"),
+  rtsp://... or http://... streams, a video file, an image folder or a glob ('imgs/*.jpg').
+sinks: jsonl:PATH, video:PATH.mp4, crops:DIR, mqtt://HOST:PORT/TOPIC (needs d3n[mqtt]).
+Live sources are reopened with backoff forever unless --max-reconnects is given.
+Exit status: 0 on a normal end (file source finished, --max-frames/--duration reached, Ctrl-C or
+SIGTERM); 1 when the model/sidecar/source/sink is bad, the source could not be (re)opened within
+--max-reconnects, or a sink failed during the run.
+"""
+
+
+def parse_class_conf(text: str | None) -> dict[str, float]:
+    """'crack=0.6,pit=0.4' -> {'crack': 0.6, 'pit': 0.4}."""
+    from d3n.errors import ConfigError
+
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, sep, value = part.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--class-conf: '{part}' is not NAME=THRESHOLD") from None
+    return out
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run an exported model on a camera/stream/video/images",
+                              description=__doc__.splitlines()[0], epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model.onnx or model.engine (sidecar model.json beside it)")
+    p.add_argument("--source", required=True, help="camera index, /dev/videoN, GStreamer string, URL, video, folder or glob")
+    p.add_argument("--sink", action="append", default=[], metavar="SPEC",
+                   help="jsonl:PATH | video:PATH | crops:DIR | mqtt://HOST:PORT/TOPIC (repeatable)")
+    p.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25, as ultralytics)")
+    p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7, as ultralytics)")
+    p.add_argument("--max-det", type=int, default=300, help="detections kept per frame (default 300)")
+    p.add_argument("--class-conf", default=None, metavar="NAME=T,...", help="per-class score thresholds")
+    p.add_argument("--roi", default=None, metavar="MASK", help="mask image; detections centred outside it are dropped")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
+    p.add_argument("--max-fps", type=float, default=None, help="process at most this many frames per second")
+    p.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
+    p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    p.add_argument("--max-reconnects", type=int, default=None,
+                   help="give up after N consecutive failed (re)open attempts (default: retry forever)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /health and /metrics on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address for the metrics server (default 127.0.0.1)")
+    p.add_argument("--video-fps", type=float, default=25.0, help="frame rate of a video sink (default 25)")
+    p.add_argument("--summary", default=None, metavar="JSON", help="write the final run stats to this file")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args) -> int:
+    import json
+    import logging
+    import signal
+    import sys
+    import threading
+
+    from d3n.runtime.pipeline import run_pipeline
+
+    log = logging.getLogger("d3n.run")
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: stopping and flushing sinks", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+    stats = run_pipeline(
+        args.model, args.source, sinks=args.sink, conf=args.conf, iou=args.iou, max_det=args.max_det,
+        class_conf=parse_class_conf(args.class_conf), roi=args.roi, device=args.device,
+        max_fps=args.max_fps, max_frames=args.max_frames, duration=args.duration,
+        max_reconnects=args.max_reconnects, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host, stop_event=stop, video_fps=args.video_fps)
+    if args.summary:
+        from d3n.artifacts import write_json
+
+        write_json(args.summary, stats)
+    print(json.dumps({k: stats[k] for k in ("frames", "mean_fps", "corrupt_frames", "reconnects",
+                                             "source_drops", "stopped_by")}))
+    rc = 0
+    if stats["source_error"]:
+        print(f"d3n: error: {stats['source_error']}", file=sys.stderr)
+        rc = 1
+    for label, reason in stats["failed_sinks"].items():
+        print(f"d3n: error: sink {label} failed and was disabled: {reason}", file=sys.stderr)
+        rc = 1
+    return rc

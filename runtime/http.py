@@ -1,0 +1,123 @@
+"""`/health` (JSON) and Prometheus `/metrics` over HTTP, bound to 127.0.0.1 unless told otherwise.
+
+Served by a stdlib ThreadingHTTPServer in a daemon thread; it only reads `Stats`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from d3n.runtime.stats import STAGES, Stats
+
+from d3n.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+COUNTER_HELP = {
+    "frames": "Frames processed (results produced)",
+    "frames_dropped": "Live frames superseded by a newer one before processing",
+    "source_drops": "Times the source stream dropped",
+    "reconnects": "Successful source reconnections",
+    "corrupt_frames": "Corrupt frames skipped",
+    "sink_failures": "Sinks disabled after a write failure",
+    "detections": "Detections emitted",
+}
+
+
+def _num(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "NaN"
+    return repr(float(v))
+
+
+def prometheus_text(stats: Stats, labels: dict[str, str] | None = None) -> str:
+    """Stats in the Prometheus text exposition format (version 0.0.4)."""
+    extra = ",".join(f'{k}="{v}"' for k, v in (labels or {}).items())
+    base = "{" + extra + "}" if extra else ""
+    lines = []
+    for name, help_text in COUNTER_HELP.items():
+        lines += [f"# HELP d3n_{name}_total {help_text}", f"# TYPE d3n_{name}_total counter",
+                  f"d3n_{name}_total{base} {stats.counters[name]}"]
+    lines += ["# HELP d3n_fps Results per second over the recent window", "# TYPE d3n_fps gauge",
+              f"d3n_fps{base} {_num(stats.fps())}",
+              "# HELP d3n_uptime_seconds Seconds since the runtime started",
+              "# TYPE d3n_uptime_seconds gauge", f"d3n_uptime_seconds{base} {_num(stats.uptime())}"]
+    age = stats.last_frame_age()
+    lines += ["# HELP d3n_last_frame_age_seconds Seconds since the last result",
+              "# TYPE d3n_last_frame_age_seconds gauge",
+              f"d3n_last_frame_age_seconds{base} {_num(age)}"]
+    lines += ["# HELP d3n_stage_latency_seconds Per-stage latency (recent window quantiles)",
+              "# TYPE d3n_stage_latency_seconds summary"]
+    sep = "," if extra else ""
+    for stage in STAGES:
+        q = stats.percentiles(stage)
+        for name, quant in (("p50", "0.5"), ("p99", "0.99")):
+            lines.append(f'd3n_stage_latency_seconds{{{extra}{sep}stage="{stage}",quantile="{quant}"}} '
+                         f"{_num(q[name])}")
+        lines.append(f'd3n_stage_latency_seconds_sum{{{extra}{sep}stage="{stage}"}} '
+                     f"{_num(stats.latency_sum[stage])}")
+        lines.append(f'd3n_stage_latency_seconds_count{{{extra}{sep}stage="{stage}"}} '
+                     f"{stats.latency_count[stage]}")
+    return "\n".join(lines) + "\n"
+
+
+def health(stats: Stats, state: str = "running") -> dict:
+    age = stats.last_frame_age()
+    return {"status": state, "uptime_s": round(stats.uptime(), 3), "frames": stats.counters["frames"],
+            "last_frame_age_s": None if age is None else round(age, 3),
+            "reconnects": stats.counters["reconnects"], "source_drops": stats.counters["source_drops"]}
+
+
+class MetricsServer:
+    """Serves /health and /metrics for `stats`. `port=0` picks a free port (see `.port`)."""
+
+    def __init__(self, stats: Stats, host: str = "127.0.0.1", port: int = 9100,
+                 state=lambda: "running"):
+        self.stats, self.state = stats, state
+        handler = self._handler()
+        try:
+            self.server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
+        self.server.daemon_threads = True
+        self.host, self.port = host, self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
+
+    def _handler(self):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - stdlib name
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    body = prometheus_text(outer.stats).encode()
+                    ctype = "text/plain; version=0.0.4; charset=utf-8"
+                elif path == "/health":
+                    body = json.dumps(health(outer.stats, outer.state())).encode()
+                    ctype = "application/json"
+                else:
+                    self.send_error(404, "try /health or /metrics")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):  # keep scrapes out of the run log
+                log.debug("http: " + fmt, *args)
+
+        return Handler
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        log.info("metrics: http://%s:%d/metrics and /health", self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,97 @@
+"""ONNX Runtime backend: TensorRT EP (engine cache on disk), CUDA EP or CPU EP.
+
+ONNX Runtime silently falls back to the CPU when a requested provider fails to load; here the
+providers actually active are checked, so `--device cuda` never quietly runs on the CPU.
+The TensorRT EP builds its engine on the first run (minutes on a Jetson): the runtime warms up
+explicitly and logs it, and the engine cache is kept beside the model so the next start is fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from d3n.runtime.backends import Backend, check_input_shape
+
+from d3n.errors import ArtifactError, ConfigError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+PREFERENCE = ("tensorrt", "cuda", "cpu")
+
+
+def choose_device(device: str, available: list[str]) -> str:
+    """The device to use: the requested one if its provider exists, or the best for "auto"."""
+    if device == "auto":
+        return next(d for d in PREFERENCE if PROVIDERS[d] in available or d == "cpu")
+    if PROVIDERS[device] not in available:
+        hint = " (install onnxruntime-gpu: the `gpu` extra)" if device != "cpu" else ""
+        raise ConfigError(f"--device {device}: onnxruntime has no {PROVIDERS[device]}; "
+                          f"available: {', '.join(available)}{hint}")
+    return device
+
+
+def provider_list(device: str, model_path: Path, fp16: bool, trt_cache_dir: Path | None) -> list:
+    """Providers for `device`, each falling back to the next (TensorRT -> CUDA -> CPU)."""
+    providers: list = []
+    if device == "tensorrt":
+        cache = Path(trt_cache_dir or os.environ.get("D3N_TRT_CACHE") or
+                     model_path.parent / f".{model_path.stem}.trt_cache")
+        cache.mkdir(parents=True, exist_ok=True)
+        providers.append((PROVIDERS["tensorrt"], {
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache),
+            "trt_fp16_enable": fp16,
+        }))
+    if device in ("tensorrt", "cuda"):
+        providers.append(PROVIDERS["cuda"])
+    providers.append(PROVIDERS["cpu"])
+    return providers
+
+
+class OrtBackend(Backend):
+    def __init__(self, model_path: Path, sidecar, device: str = "auto",
+                 trt_cache_dir: str | Path | None = None, intra_op_threads: int | None = None):
+        super().__init__(model_path, sidecar)
+        import onnxruntime as ort
+
+        device = choose_device(device, ort.get_available_providers())
+        fp16 = sidecar.precision == "fp16"
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            opts.intra_op_num_threads = int(intra_op_threads)
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), sess_options=opts,
+                providers=provider_list(device, model_path, fp16, trt_cache_dir and Path(trt_cache_dir)))
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise ArtifactError(f"{model_path}: ONNX Runtime cannot load the model ({exc})") from None
+        active = self.session.get_providers()
+        if PROVIDERS[device] not in active:
+            raise ConfigError(f"--device {device}: {PROVIDERS[device]} failed to start for "
+                              f"{model_path.name} (active: {', '.join(active)})")
+        self.device = device
+        self.name = f"onnxruntime-{device}"
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_dtype = np.dtype(np.float16 if inp.type == "tensor(float16)" else np.float32)
+        self.input_shape = check_input_shape(model_path, sidecar, inp.shape)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        log.info("%s: loaded %s, input %s %s", self.name, model_path.name, self.input_shape,
+                 self.input_dtype)
+
+    def _run(self, blob: np.ndarray) -> np.ndarray:
+        return self.session.run(self.output_names[:1], {self.input_name: blob})[0]
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,238 @@
+"""The overlapped pipeline: capture -> preprocess -> infer -> postprocess + sinks.
+
+Each stage runs in its own thread, joined by small bounded queues, so while the model runs on
+frame n the next frame is already letterboxed and the previous one is being decoded and written.
+ONNX Runtime and TensorRT release the GIL during inference, so end-to-end throughput approaches
+model-only throughput. Bounded queues keep memory and latency flat; live sources additionally
+keep only their newest frame (see sources.py).
+
+Public API (used by `d3n run` and `d3n bench`):
+
+    stats = run_pipeline("model.onnx", "video.mp4", sinks=["jsonl:out.jsonl"], conf=0.25)
+
+returns a dict: frames, fps (recent window), mean_fps (whole run), latency_ms per stage
+({"p50", "p99"}), frames_dropped, source_drops, reconnects, corrupt_frames, sink_failures,
+backend, source_error, failed_sinks, stopped_by.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+
+from d3n.runtime.backends import Backend, open_backend
+from d3n.runtime.http import MetricsServer
+from d3n.runtime.postprocess import class_thresholds, postprocess
+from d3n.runtime.preprocess import prepare
+from d3n.runtime.roi import RoiMask
+from d3n.runtime.sinks import Result, Sink, SinkSet, parse_sink
+from d3n.runtime.sources import Source
+from d3n.runtime.stats import Stats
+
+from d3n.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_END = object()  # passed down the stages when the source ends or a stop is requested
+
+
+def resolve_class_conf(class_conf: dict[str, float] | None, names: list[str]) -> dict[int, float]:
+    """{class name: threshold} -> {class id: threshold}; unknown names are an error."""
+    out = {}
+    for name, value in (class_conf or {}).items():
+        if name not in names:
+            raise ConfigError(f"--class-conf: unknown class '{name}' (model classes: {', '.join(names)})")
+        if not 0.0 <= float(value) <= 1.0:
+            raise ConfigError(f"--class-conf: threshold for '{name}' must be in [0, 1], got {value}")
+        out[names.index(name)] = float(value)
+    return out
+
+
+class _Runner:
+    def __init__(self, backend: Backend, source: Source, sinks: SinkSet, stats: Stats, *,
+                 conf: float, iou: float, max_det: int, class_conf: dict[int, float],
+                 roi: RoiMask | None, max_fps: float | None, max_frames: int | None,
+                 stop_event: threading.Event, on_result=None):
+        self.backend, self.source, self.sinks, self.stats = backend, source, sinks, stats
+        sc = backend.sidecar
+        self.names = list(sc.names)
+        self.thresholds = class_thresholds(len(self.names), conf, class_conf)
+        self.kind, self.box_format = sc.output.kind, sc.output.box_format
+        self.iou, self.max_det, self.roi = iou, max_det, roi
+        self.max_fps, self.max_frames = max_fps, max_frames
+        self.stop_event = stop_event
+        self.on_result = on_result
+        live = source.live
+        self.q_infer: queue.Queue = queue.Queue(maxsize=1 if live else 2)
+        self.q_post: queue.Queue = queue.Queue(maxsize=1 if live else 2)
+        self.abort = threading.Event()  # a stage failed: everyone stops
+        self.errors: list[BaseException] = []
+        self.stopped_by = "end of source"
+
+    def _put(self, q: queue.Queue, item) -> bool:
+        while not self.abort.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, q: queue.Queue):
+        while not self.abort.is_set():
+            try:
+                return q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+        return _END
+
+    def _guard(self, fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - reported by run_pipeline
+                log.exception("pipeline stage %s failed", fn.__name__)
+                self.errors.append(exc)
+                self.abort.set()
+        return run
+
+    def preprocess_stage(self) -> None:
+        taken, next_t = 0, time.monotonic()
+        shape = self.backend.input_shape[2:]
+        pre = self.backend.sidecar.preprocess
+        while not self.abort.is_set():
+            if self.stop_event.is_set() or (self.max_frames is not None and taken >= self.max_frames):
+                break
+            if self.max_fps:
+                wait = next_t - time.monotonic()
+                if wait > 0 and self.stop_event.wait(wait):
+                    break
+                next_t = max(next_t + 1.0 / self.max_fps, time.monotonic())
+            frame = self.source.get(timeout=0.2)
+            if frame is False:
+                continue
+            if frame is None:
+                break
+            t0 = time.monotonic()
+            blob, lb = prepare(frame.image, shape, pre)
+            self.stats.observe("preprocess", time.monotonic() - t0)
+            taken += 1
+            if not self._put(self.q_infer, (frame, blob, lb)):
+                return
+        self._put(self.q_infer, _END)
+
+    def infer_stage(self) -> None:
+        while True:
+            item = self._get(self.q_infer)
+            if item is _END:
+                break
+            frame, blob, lb = item
+            t0 = time.monotonic()
+            out = self.backend.infer(blob)
+            self.stats.observe("infer", time.monotonic() - t0)
+            if not self._put(self.q_post, (frame, out, lb)):
+                return
+        self._put(self.q_post, _END)
+
+    def post_stage(self) -> None:
+        while True:
+            item = self._get(self.q_post)
+            if item is _END:
+                return
+            frame, out, lb = item
+            t0 = time.monotonic()
+            det = postprocess(out, lb, self.thresholds, self.kind, self.iou, self.max_det, self.box_format)
+            if self.roi is not None:
+                det = self.roi.filter(det, frame.image.shape)
+            t1 = time.monotonic()
+            self.stats.observe("postprocess", t1 - t0)
+            result = Result(frame, det, self.names, time.time(), t1 - frame.capture_mono)
+            self.stats.observe("end_to_end", result.latency)
+            self.sinks.write(result)
+            self.stats.observe("sinks", time.monotonic() - t1)
+            self.stats.frame_done(len(det))
+            if self.on_result is not None:
+                self.on_result(result)
+            if self.sinks.all_failed:
+                self.stopped_by = "all sinks failed"
+                self.stop_event.set()
+
+
+def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
+                 conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
+                 class_conf: dict[str, float] | None = None, roi: str | Path | RoiMask | None = None,
+                 device: str = "auto", warmup: int = 1, max_fps: float | None = None,
+                 max_frames: int | None = None, duration: float | None = None,
+                 max_reconnects: int | None = None, backoff: tuple[float, float] = (0.5, 10.0),
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
+                 stop_event: threading.Event | None = None, on_result=None,
+                 stats: Stats | None = None, video_fps: float = 25.0) -> dict:
+    """Run `model` on `source` until the source ends, `max_frames`/`duration` is reached or
+    `stop_event` is set; returns the run's stats (see module docstring).
+
+    model: a model path (opened with `open_backend(model, device)`) or an opened Backend.
+    source: a `--source` string or a Source. sinks: sink specs (`jsonl:PATH`, ...) or Sinks.
+    class_conf: {class name: threshold} overriding `conf`. roi: mask image path or RoiMask.
+    max_reconnects: consecutive failed reopen attempts allowed for a live source (None: forever).
+    metrics_port: serve /health and /metrics on metrics_host:port (0: any free port).
+    Raises D3NError subclasses for bad models, sidecars, sources, sinks and options.
+    """
+    if not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
+        raise ConfigError(f"--conf and --iou must be in [0, 1] (got {conf}, {iou})")
+    if max_fps is not None and max_fps <= 0:
+        raise ConfigError(f"--max-fps must be > 0 (got {max_fps})")
+    stats = stats or Stats()
+    stop_event = stop_event or threading.Event()
+    backend = model if isinstance(model, Backend) else open_backend(model, device)
+    class_ids = resolve_class_conf(class_conf, list(backend.sidecar.names))
+    roi_mask = RoiMask.load(roi) if isinstance(roi, (str, Path)) else roi
+    src = source if isinstance(source, Source) else Source(
+        source, stats, max_reconnects=max_reconnects, backoff=backoff)
+    src.stats = stats
+    sink_objs = [s if isinstance(s, Sink) else parse_sink(s, fps=video_fps) for s in sinks]
+    sink_set = SinkSet(sink_objs, stats)
+    server = None
+    if warmup:
+        backend.warmup(warmup)
+    runner = _Runner(backend, src, sink_set, stats, conf=conf, iou=iou, max_det=max_det,
+                     class_conf=class_ids, roi=roi_mask, max_fps=max_fps, max_frames=max_frames,
+                     stop_event=stop_event, on_result=on_result)
+    try:
+        if metrics_port is not None:
+            server = MetricsServer(stats, metrics_host, metrics_port,
+                                   state=lambda: "stopping" if stop_event.is_set() else "running").start()
+        threads = [threading.Thread(target=runner._guard(fn), name=f"stage:{fn.__name__}", daemon=True)
+                   for fn in (runner.preprocess_stage, runner.infer_stage, runner.post_stage)]
+        src.start()
+        for t in threads:
+            t.start()
+        deadline = None if duration is None else time.monotonic() + duration
+        while threads[-1].is_alive():
+            threads[-1].join(0.2)
+            if deadline is not None and time.monotonic() >= deadline and not stop_event.is_set():
+                runner.stopped_by = "duration"
+                stop_event.set()
+        if stop_event.is_set() and runner.stopped_by == "end of source":
+            runner.stopped_by = "stop requested"
+        elif max_frames is not None and stats.counters["frames"] >= max_frames:
+            runner.stopped_by = "max frames"
+    finally:
+        src.stop()
+        runner.abort.set()
+        src.join(timeout=10)
+        sink_set.close()
+        if server is not None:
+            server.stop()
+    if runner.errors:
+        raise runner.errors[0]
+    out = stats.summary()
+    out.update(backend=backend.name, source=src.source_id, source_error=src.error,
+               failed_sinks=dict(sink_set.failed), stopped_by=runner.stopped_by,
+               metrics_port=server.port if server else None)
+    log.info("run finished (%s): %d frames, %.1f FPS, e2e p50 %.1f ms", runner.stopped_by,
+             out["frames"], out["mean_fps"], out["latency_ms"]["end_to_end"]["p50"])
+    return out
+

@@ -1,0 +1,103 @@
+"""Run statistics shared by the pipeline threads, the HTTP endpoint and the final summary.
+
+Latencies are kept in a bounded ring per stage (the last `window` samples), so memory stays
+flat however long the runtime runs; counters only grow.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import numpy as np
+
+STAGES = ("capture", "preprocess", "infer", "postprocess", "sinks", "end_to_end")
+COUNTERS = ("frames", "frames_dropped", "source_drops", "reconnects", "corrupt_frames",
+            "sink_failures", "detections")
+
+
+class Stats:
+    """Thread-safe counters, per-stage latency rings and an FPS window."""
+
+    def __init__(self, window: int = 1000):
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.latency = {s: collections.deque(maxlen=window) for s in STAGES}
+        self.latency_sum = dict.fromkeys(STAGES, 0.0)
+        self.latency_count = dict.fromkeys(STAGES, 0)
+        self._result_times: collections.deque[float] = collections.deque(maxlen=window)
+        self.first_result: float | None = None
+        self.last_result: float | None = None
+        self.sink_failures: dict[str, int] = {}
+
+    def add(self, counter: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[counter] += n
+
+    def observe(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.latency[stage].append(seconds)
+            self.latency_sum[stage] += seconds
+            self.latency_count[stage] += 1
+
+    def sink_failed(self, sink: str) -> None:
+        with self._lock:
+            self.sink_failures[sink] = self.sink_failures.get(sink, 0) + 1
+            self.counters["sink_failures"] += 1
+
+    def frame_done(self, n_det: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.counters["frames"] += 1
+            self.counters["detections"] += n_det
+            self._result_times.append(now)
+            if self.first_result is None:
+                self.first_result = now
+            self.last_result = now
+
+    def fps(self) -> float:
+        """Results per second over the recent window."""
+        with self._lock:
+            t = list(self._result_times)
+        if len(t) < 2 or t[-1] <= t[0]:
+            return 0.0
+        return (len(t) - 1) / (t[-1] - t[0])
+
+    def mean_fps(self) -> float:
+        """Results per second from the first result to the last (whole run, warm-up excluded)."""
+        with self._lock:
+            n, a, b = self.counters["frames"], self.first_result, self.last_result
+        if n < 2 or a is None or b <= a:
+            return 0.0
+        return (n - 1) / (b - a)
+
+    def percentiles(self, stage: str, qs=(50, 99)) -> dict[str, float]:
+        with self._lock:
+            samples = np.asarray(self.latency[stage], dtype=np.float64)
+        if not samples.size:
+            return {f"p{q}": float("nan") for q in qs}
+        return {f"p{q}": float(np.percentile(samples, q)) for q in qs}
+
+    def last_frame_age(self) -> float | None:
+        with self._lock:
+            last = self.last_result
+        return None if last is None else time.monotonic() - last
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+
+    def summary(self) -> dict:
+        """Plain dict: counters, fps, mean_fps, uptime and per-stage p50/p99 latency in ms."""
+        with self._lock:
+            out = dict(self.counters)
+            sink_failures = dict(self.sink_failures)
+        out["fps"] = round(self.fps(), 3)
+        out["mean_fps"] = round(self.mean_fps(), 3)
+        out["uptime_s"] = round(self.uptime(), 3)
+        out["latency_ms"] = {
+            s: {k: round(v * 1000, 3) for k, v in self.percentiles(s).items()} for s in STAGES
+        }
+        out["sink_failures_by_sink"] = sink_failures
+        return out
