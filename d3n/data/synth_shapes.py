@@ -50,6 +50,8 @@ def crazing(size: int, cx: float, cy: float, s: float, rng: np.random.Generator)
     img, draw = _canvas(size)
     extent = _px(rng.uniform(28, 60), s, 8)
     step = _px(rng.uniform(3, 5), s, 1.5)
+    # some 2 px cracks at full size, so the network survives the detector's downscaling
+    width = int(rng.integers(1, 3)) if s >= 0.75 else 1
     for _ in range(int(rng.integers(5, 10))):
         x, y = cx + rng.uniform(-extent, extent) * 0.6, cy + rng.uniform(-extent, extent) * 0.6
         heading = rng.uniform(0, 2 * math.pi)
@@ -62,16 +64,16 @@ def crazing(size: int, cx: float, cy: float, s: float, rng: np.random.Generator)
             pts.append((x, y))
             if rng.random() < 0.15:  # a side branch makes the mesh look like crazing, not a line
                 bh = heading + rng.choice([-1, 1]) * rng.uniform(0.6, 1.3)
-                draw.line([(x, y), (x + 3 * step * math.cos(bh), y + 3 * step * math.sin(bh))], 255, 1)
+                draw.line([(x, y), (x + 3 * step * math.cos(bh), y + 3 * step * math.sin(bh))], 255, width)
         if len(pts) > 1:
-            draw.line(pts, fill=255, width=1)
+            draw.line(pts, fill=255, width=width)
     return _mask(img), -rng.uniform(60, 85)
 
 
 def inclusion(size: int, cx: float, cy: float, s: float, rng: np.random.Generator) -> Drawn:
     """Elongated dark (or bright) blobs lying along the rolling direction."""
     img, draw = _canvas(size)
-    a = _px(rng.uniform(14, 30), s, 5)
+    a = _px(rng.uniform(16, 30), s, 6)
     for _ in range(int(rng.integers(1, 4))):
         la = a * rng.uniform(0.5, 1.0)
         lb = max(1.5, la / rng.uniform(2.5, 5.0))
@@ -127,7 +129,7 @@ def scratches(size: int, cx: float, cy: float, s: float, rng: np.random.Generato
     p1 = np.array([cx, cy]) + bend * np.array([-math.sin(angle), math.cos(angle)])
     t = np.linspace(0, 1, 32)[:, None]
     pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
-    width = int(round(_px(rng.uniform(1.0, 2.2), s, 1.0)))
+    width = int(round(_px(rng.uniform(1.2, 2.8), s, 1.0)))
     draw.line([tuple(p) for p in pts], fill=255, width=width)
     delta = rng.uniform(55, 80) if rng.random() < 0.6 else -rng.uniform(55, 80)
     return _mask(img), delta
