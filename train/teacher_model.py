@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from d3n.train.fusion import CrossFusion, FusionConfig
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -28,7 +29,6 @@ from d3n.artifacts import save_with
 from d3n.config import StrictModel
 from d3n.errors import ArtifactError, ConfigError
 from d3n.offline import ultralytics
-from d3n.train.fusion import CrossFusion, FusionConfig
 
 LEVELS = ("p3", "p4", "p5")
 CHECKPOINT_FORMAT = "d3n-fusion-teacher/1"
@@ -72,7 +72,7 @@ class FusionTeacher(nn.Module):
         det_channels = [seq[0].conv.in_channels for seq in head.cv2]
         self.fusions = nn.ModuleDict({
             lvl: CrossFusion(c, config.ddpm_channels[lvl], config.fusion)
-            for lvl, c in zip(LEVELS, det_channels)
+            for lvl, c in zip(LEVELS, det_channels, strict=True)
         })
 
     @property
@@ -85,7 +85,7 @@ class FusionTeacher(nn.Module):
         if missing:
             raise ValueError(f"DDPM features missing for levels {missing}")
         out = []
-        for lvl, x in zip(LEVELS, feats):
+        for lvl, x in zip(LEVELS, feats, strict=True):
             d = ddpm[lvl]
             if d.shape[-2:] != x.shape[-2:]:
                 d = F.interpolate(d, size=x.shape[-2:], mode="bilinear", align_corners=False)

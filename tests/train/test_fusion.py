@@ -1,0 +1,128 @@
+"""Dynamic cross-fusion (Fig. 6) and its Table I-II switches: shapes, gradients, init, weights."""
+
+import pytest
+import torch
+from d3n.train.fusion import CrossFusion, FusionConfig, PooledAttention
+from pydantic import ValidationError
+
+CX, CD = 16, 12
+SWITCHES = ["use_filter", "use_cross", "use_self_x", "use_self_d", "learn_weights", "residual", "norm"]
+MODES = ["dynamic", "concat", "sum", "weighted_sum"]
+
+
+def _inputs(h=7, w=5, b=2):
+    torch.manual_seed(0)
+    return torch.randn(b, CX, h, w), torch.randn(b, CD, h, w)
+
+
+def _perturb(module):
+    """Move every parameter off its initial value so all paths carry signal."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+
+def _check_shape_and_grads(cfg):
+    fusion = CrossFusion(CX, CD, cfg)
+    _perturb(fusion)
+    x, d = _inputs()
+    x.requires_grad_(True)
+    d.requires_grad_(True)
+    out = fusion(x, d)
+    assert out.shape == x.shape
+    (out * torch.randn_like(out)).sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert d.grad.abs().sum() > 0
+    missing = [n for n, p in fusion.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"no gradient for {missing}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("residual", [True, False])
+def test_every_mode_shapes_and_gradients(mode, residual):
+    _check_shape_and_grads(FusionConfig(mode=mode, residual=residual))
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_each_switch_off_still_works(switch):
+    _check_shape_and_grads(FusionConfig(**{switch: False}))
+
+
+def test_switches_remove_their_modules():
+    cfg = FusionConfig(use_filter=False, use_cross=False, use_self_d=False, norm=False, residual=False,
+                       learn_weights=False)
+    fusion = CrossFusion(CX, CD, cfg)
+    assert fusion.filter is None and fusion.cross is None and fusion.self_d is None
+    assert fusion.self_x is not None and fusion.out is None and fusion.logits is None
+    assert isinstance(fusion.norm_d, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_starts_as_the_detector_features(mode):
+    """Zero-initialised output projection: out == X at init, whatever D is."""
+    x, d = _inputs()
+    torch.testing.assert_close(CrossFusion(CX, CD, FusionConfig(mode=mode))(x, d), x)
+
+
+def test_concat_without_residual_starts_as_x():
+    x, d = _inputs()
+    fusion = CrossFusion(CX, CD, FusionConfig(mode="concat", residual=False))
+    torch.testing.assert_close(fusion(x, d), x)
+
+
+def test_ddpm_features_change_the_output_once_trained():
+    x, d = _inputs()
+    fusion = CrossFusion(CX, CD)
+    _perturb(fusion)
+    assert (fusion(x, d) - fusion(x, d + 1.0 * torch.randn_like(d))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cfg,expect_zero", [
+    (FusionConfig(), []),
+    (FusionConfig(use_cross=False), [0]),
+    (FusionConfig(use_self_x=False, use_self_d=False), [1, 2]),
+    (FusionConfig(mode="weighted_sum"), [0]),
+    (FusionConfig(mode="sum"), [0]),
+    (FusionConfig(learn_weights=False, use_self_d=False), [2]),
+])
+def test_branch_weights_sum_to_one(cfg, expect_zero):
+    fusion = CrossFusion(CX, CD, cfg)
+    _perturb(fusion)
+    w = fusion.branch_weights()
+    assert w.shape == (3,)
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+    for i in range(3):
+        assert (w[i] == 0) == (i in expect_zero)
+
+
+def test_branch_weights_follow_the_logits_and_concat_has_none():
+    fusion = CrossFusion(CX, CD)
+    with torch.no_grad():
+        fusion.logits.copy_(torch.tensor([2.0, 0.0, -1.0]))
+    torch.testing.assert_close(fusion.branch_weights(), torch.softmax(torch.tensor([2.0, 0.0, -1.0]), 0))
+    assert CrossFusion(CX, CD, FusionConfig(mode="concat")).branch_weights() is None
+
+
+def test_large_maps_attend_over_pooled_tokens():
+    """Keys/values are pooled to kv_size^2 tokens: the attention sees 4x4 tokens for a 32x24 map."""
+    att = PooledAttention(CX, 4, kv_size=4)
+    seen = {}
+    att.mha.register_forward_hook(lambda m, args, out: seen.update(q=args[0].shape, k=args[1].shape))
+    out = att(torch.randn(1, CX, 32, 24), torch.randn(1, CX, 32, 24))
+    assert out.shape == (1, CX, 32, 24)
+    assert seen["q"] == (1, 32 * 24, CX) and seen["k"] == (1, 16, CX)
+
+
+def test_bad_inputs_and_configs_are_clear_errors():
+    with pytest.raises(ValidationError, match="at least one"):
+        FusionConfig(use_cross=False, use_self_x=False, use_self_d=False)
+    with pytest.raises(ValidationError):
+        FusionConfig(mode="attention")
+    with pytest.raises(ValidationError):
+        FusionConfig(typo=True)
+    with pytest.raises(ValueError, match="divisible"):
+        CrossFusion(18, CD)
+    x, d = _inputs()
+    with pytest.raises(ValueError, match="resample them first"):
+        CrossFusion(CX, CD)(x, d[..., :3])
