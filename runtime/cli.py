@@ -78,15 +78,21 @@ def _cmd_run(args) -> int:
         log.info("received %s: stopping and flushing sinks", signal.Signals(signum).name)
         stop.set()
 
+    previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
-    stats = run_pipeline(
-        args.model, args.source, sinks=args.sink, conf=args.conf, iou=args.iou, max_det=args.max_det,
-        class_conf=parse_class_conf(args.class_conf), roi=args.roi, device=args.device,
-        max_fps=args.max_fps, max_frames=args.max_frames, duration=args.duration,
-        max_reconnects=args.max_reconnects, metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host, stop_event=stop, video_fps=args.video_fps)
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        stats = run_pipeline(
+            args.model, args.source, sinks=args.sink, conf=args.conf, iou=args.iou,
+            max_det=args.max_det, class_conf=parse_class_conf(args.class_conf), roi=args.roi,
+            device=args.device, max_fps=args.max_fps, max_frames=args.max_frames,
+            duration=args.duration, max_reconnects=args.max_reconnects,
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host, stop_event=stop,
+            video_fps=args.video_fps)
+    finally:
+        for sig, handler in previous.items():  # in-process callers get their handlers back
+            signal.signal(sig, handler)
     if args.summary:
         from d3n.artifacts import write_json
 

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 OPEN_TIMEOUT_MS = 5000  # a stream that accepts the connection but sends nothing is a failure
-READ_TIMEOUT_MS = 5000
 
 
 @dataclass
@@ -112,8 +111,11 @@ def has_gstreamer() -> bool:
     return "YES" in line
 
 
-def open_capture(spec: SourceSpec) -> cv2.VideoCapture:
-    """A cv2.VideoCapture for a camera/device/pipeline/URL/video spec (may be unopened)."""
+def open_capture(spec: SourceSpec, timeout_ms: int = OPEN_TIMEOUT_MS) -> cv2.VideoCapture:
+    """A cv2.VideoCapture for a camera/device/pipeline/URL/video spec (may be unopened).
+
+    For URLs, `timeout_ms` bounds both opening and each read, so a stalled stream counts as a drop.
+    """
     if spec.kind == "camera":
         return cv2.VideoCapture(int(spec.text))
     if spec.kind == "v4l2":
@@ -124,8 +126,8 @@ def open_capture(spec: SourceSpec) -> cv2.VideoCapture:
         # TCP for RTSP unless the user configured FFmpeg: UDP loses packets and smears frames.
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
         return cv2.VideoCapture(spec.text, cv2.CAP_FFMPEG,
-                                [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS,
-                                 cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS])
+                                [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms,
+                                 cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms])
     return cv2.VideoCapture(spec.text)
 
 
@@ -138,7 +140,7 @@ class Source:
 
     def __init__(self, spec: SourceSpec | str, stats: Stats | None = None,
                  max_reconnects: int | None = None, backoff: tuple[float, float] = (0.5, 10.0),
-                 queue_size: int = 4, source_id: str | None = None):
+                 queue_size: int = 4, source_id: str | None = None, timeout_ms: int = OPEN_TIMEOUT_MS):
         self.spec = parse_source(spec) if isinstance(spec, str) else spec
         if self.spec.kind == "gstreamer" and not has_gstreamer():
             raise ConfigError(f"{self.spec.text!r}: this OpenCV build has no GStreamer support "
@@ -146,6 +148,7 @@ class Source:
         self.stats = stats or Stats()
         self.max_reconnects = max_reconnects
         self.backoff = backoff
+        self.timeout_ms = timeout_ms
         self.source_id = source_id or self.spec.text
         self.error: str | None = None
         self._stop = threading.Event()
@@ -281,7 +284,7 @@ class Source:
     def _run_live(self) -> None:
         delay, failed_opens, opened_before = self.backoff[0], 0, False
         while not self._stop.is_set():
-            cap = open_capture(self.spec)
+            cap = open_capture(self.spec, self.timeout_ms)
             if not cap.isOpened():
                 cap.release()
                 failed_opens += 1
