@@ -56,7 +56,9 @@ def read_voc(src: Path) -> Source:
         found = images.get(xml.stem, [])
         rec = Record(stem=xml.stem, ann=xml, image=found[0] if len(found) == 1 else None)
         if not found:
-            rec.problems.append(Problem(xml, f"annotation without image (no {xml.stem}.* in {img_dir})"))
+            other = sorted(p.name for p in img_dir.glob(f"{xml.stem}.*"))
+            why = f"{', '.join(other)}: unsupported image type" if other else f"no {xml.stem}.* in {img_dir}"
+            rec.problems.append(Problem(xml, f"annotation without image ({why})"))
         elif len(found) > 1:
             rec.problems.append(Problem(xml, f"several images share this stem: {', '.join(p.name for p in found)}"))
         try:

@@ -202,6 +202,18 @@ def test_box_within_one_pixel_is_clipped_and_counted(tmp_path):
     assert report["clipped_boxes"] == 1
 
 
+def test_declared_size_differs_from_image(tmp_path):
+    src = voc(tmp_path / "src")
+    _xml(src / "ANNOTATIONS" / "im1.xml", [("dent", 2, 3, 20, 25)], w=50, h=50)
+    assert "declares size 50x50 but im1.jpg is 40x30" in _fails(src, tmp_path, src / "ANNOTATIONS" / "im1.xml")
+
+
+def test_unsupported_image_type(tmp_path):
+    src = voc(tmp_path / "src")
+    (src / "IMAGES" / "im2.jpg").rename(src / "IMAGES" / "im2.tif")
+    assert "im2.tif: unsupported image type" in _fails(src, tmp_path, src / "ANNOTATIONS" / "im2.xml")
+
+
 def test_empty_box(tmp_path):
     src = voc(tmp_path / "src")
     _xml(src / "ANNOTATIONS" / "im5.xml", [("dent", 10, 3, 10, 25)])
@@ -284,6 +296,10 @@ def test_cli_import_exit_codes(tmp_path, capsys):
     src = voc(tmp_path / "src", n=6)
     assert main(["data", "import", str(src), "--out", str(tmp_path / "a"), "--seed", "2"]) == 0
     assert main(["data", "import", str(src), "--out", str(tmp_path / "a")]) == 1  # exists, no --force
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "a"), "--force", "--names", "dent,crack,rust"]) == 0
+    assert DatasetLayout.open(tmp_path / "a").names == ("dent", "crack", "rust")  # --names order kept
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "c"), "--names", "dent"]) == 1
+    assert "unknown class 'crack'" in capsys.readouterr().err
     _truncate(src / "IMAGES" / "im4.jpg")
     assert main(["data", "import", str(src), "--out", str(tmp_path / "b"), "--format", "voc"]) == 1
     assert str(src / "IMAGES" / "im4.jpg") in capsys.readouterr().err
