@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from d3n.cli import main
@@ -81,3 +83,15 @@ def test_cli_synth_exit_codes(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(out), "--images", "7", "--size", "64"]) == 1
     assert str(out) in capsys.readouterr().err
     assert main(["data", "synth", "--out", str(tmp_path / "t"), "--size", "8"]) == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(32, 160), seed=st.integers(0, 2**31 - 1), first=st.integers(0, 5))
+def test_render_boxes_inside_image_for_any_size_and_seed(size, seed, first):
+    from d3n.data.synth import render
+
+    img, boxes = render(size, np.random.default_rng(seed), first_class=first)
+    assert img.shape == (size, size) and img.dtype == np.uint8
+    assert 1 <= len(boxes) <= 4 and boxes[0][0] == first
+    for cls, x0, y0, x1, y1 in boxes:
+        assert 0 <= cls < 6 and 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
