@@ -64,7 +64,7 @@ def parse_names(value: str | None) -> list[str] | None:
 def _check_record(rec: Record, index: dict[str, int], out: Checked) -> None:
     problems = list(rec.problems)
     rows = []
-    if rec.image is not None and not problems:
+    if rec.image is not None:  # decoded even when the annotation is bad: report both at once
         try:
             w, h = check_image(rec.image)
         except FileProblem as exc:

@@ -271,8 +271,9 @@ def test_all_problems_listed_together(tmp_path):
     (src / "IMAGES" / "im1.jpg").unlink()
     _xml(src / "ANNOTATIONS" / "im2.xml", [("dent", 2, 3, 99, 25)])
     (src / "ANNOTATIONS" / "im3.xml").write_text("<oops")
-    msg = _fails(src, tmp_path, "im0.jpg", "im1.xml", "im2.xml", "im3.xml")
-    assert "4 problem(s)" in msg
+    _truncate(src / "IMAGES" / "im3.jpg")  # bad annotation and bad image: both reported
+    msg = _fails(src, tmp_path, "im0.jpg", "im1.xml", "im2.xml", "im3.xml", "im3.jpg")
+    assert "5 problem(s)" in msg
 
 
 def test_skip_bad_imports_the_rest_and_reports(tmp_path):
