@@ -12,6 +12,7 @@ Targets (reported, not asserted): e2e FPS >= 0.95 x model-only FPS; INT8 latency
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import subprocess
 import tempfile
@@ -103,6 +104,7 @@ def torch_latency(ckpt_path: Path, opts: BenchOptions) -> dict:
     from d3n.export.checkpoint import load_checkpoint
 
     model = load_checkpoint(ckpt_path).torch_model()
+    torch.set_num_threads(os.cpu_count() or 1)  # ultralytics caps it at cores - 1; compare like with like
     x = torch.rand(1, 3, *opts.imgsz)
 
     def run():

@@ -1,0 +1,64 @@
+"""onnx-int8: ORT static QDQ quantization runs, stays runnable on ORT CPU, and is scored beside FP32."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+from d3n import sidecar
+from d3n.export.exporter import ExportOptions, export_model
+
+
+@pytest.fixture(scope="module")
+def int8_export(tiny_ckpt, synth_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8")
+    return export_model(ExportOptions(model=tiny_ckpt, format="onnx-int8", imgsz=(128, 128), calib=synth_small,
+                                      calib_images=8, parity_images=2, out=out))
+
+
+def test_int8_is_scored_beside_fp32(int8_export):
+    metrics = json.loads(int8_export.model.with_name("model.int8.metrics.json").read_text())
+    for key in ("fp32", "int8"):
+        assert math.isfinite(metrics[key]["mAP50"]) and 0 <= metrics[key]["mAP50"] <= 100
+        assert metrics[key]["split"] == "val" and metrics[key]["images"] > 0
+    assert metrics["fp32"]["model"] == "model.onnx" and metrics["int8"]["model"] == "model.int8.onnx"
+    assert metrics["mAP50_drop"] == pytest.approx(metrics["fp32"]["mAP50"] - metrics["int8"]["mAP50"])
+    assert sidecar.load(int8_export.model).extra["metrics"] == metrics
+
+
+def test_int8_model_is_qdq_with_float_head_decode(int8_export):
+    from d3n.export.int8 import head_decode_nodes
+
+    q = onnx.load(str(int8_export.model))
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("QuantizeLinear") > 50 and ops.count("DequantizeLinear") > 50
+    # per-channel weights: weight scales are vectors
+    inits = {i.name: i for i in q.graph.initializer}
+    assert any(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1
+               for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in inits)
+    # the decode (boxes in pixels concatenated with 0-1 scores) stays float
+    produced_by = {o: n for n in q.graph.node for o in n.output}
+    assert produced_by[q.graph.output[0].name].op_type == "Concat"
+    assert head_decode_nodes(q)
+    sc = sidecar.load(int8_export.model)
+    assert sc.format == "onnx-int8" and sc.precision == "int8"
+    assert sc.extra["quantization"]["format"] == "QDQ" and sc.extra["quantization"]["per_channel"]
+    assert sc.extra["quantization"]["calibration_images"] == 8
+
+
+def test_int8_runs_on_ort_cpu_close_to_fp32(int8_export):
+    import onnxruntime as ort
+
+    from d3n.export.calib import batches, synthetic_images
+
+    fp32 = ort.InferenceSession(str(int8_export.model.with_name("model.onnx")), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(int8_export.model), providers=["CPUExecutionProvider"])
+    for x in batches(synthetic_images(2, seed=3), (128, 128)):
+        a, b = fp32.run(None, {"images": x})[0], int8.run(None, {"images": x})[0]
+        assert a.shape == b.shape and np.isfinite(b).all()
+        # boxes within a few pixels on a 128 px input: quantization noise, not a broken graph
+        assert np.median(np.abs(a[0, :4] - b[0, :4])) < 4.0

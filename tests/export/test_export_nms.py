@@ -1,0 +1,82 @@
+"""--nms: the in-graph ONNX NMS gives the same detections as the numpy reference, and the numpy
+reference is ultralytics' non_max_suppression."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from d3n import sidecar
+from d3n.export.exporter import ExportOptions, export_model
+from d3n.export.nms_graph import NMSSettings
+from d3n.export.parity import nms_numpy
+
+S = NMSSettings(conf=0.001, iou=0.5, max_det=40)
+
+
+def _raw_head(rng, nc=3, n=400, size=128.0):
+    xy = rng.uniform(0, size, (2, n))
+    wh = rng.uniform(4, 40, (2, n))
+    # clusters of overlapping boxes so NMS has work to do
+    xy[:, n // 2:] = xy[:, : n - n // 2] + rng.normal(0, 2, (2, n - n // 2))
+    return np.concatenate([xy, wh, rng.uniform(0, 0.01, (nc, n))]).astype(np.float32)
+
+
+def test_numpy_nms_matches_ultralytics():
+    import torch
+
+    from d3n.offline import ultralytics
+
+    ultralytics()
+    from ultralytics.utils.nms import non_max_suppression
+
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        raw = _raw_head(rng)
+        ref = non_max_suppression(torch.from_numpy(raw[None]), S.conf, S.iou, max_det=S.max_det)[0].numpy()
+        ours = nms_numpy(raw, S)
+        assert len(ours) > 5 and ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def nms_model(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nms")
+    raw = export_model(ExportOptions(model=tiny_ckpt, imgsz=(128, 128), out=out / "raw.onnx",
+                                     parity=False)).model
+    nms = export_model(ExportOptions(model=tiny_ckpt, imgsz=(128, 128), nms=True, nms_settings=S,
+                                     out=out / "nms.onnx")).model
+    return raw, nms
+
+
+def test_graph_nms_equals_numpy_nms(nms_model):
+    import onnxruntime as ort
+
+    from d3n.export.calib import batches, synthetic_images
+
+    raw_s, nms_s = (ort.InferenceSession(str(p)) for p in nms_model)
+    total = 0
+    for x in batches(synthetic_images(4, seed=1), (128, 128)):
+        want = nms_numpy(raw_s.run(None, {"images": x})[0][0], S)
+        got = nms_s.run(None, {"images": x})[0]
+        assert got.shape == (1, S.max_det, 6)
+        rows = got[0][got[0, :, 4] > 0]
+        assert np.all(got[0, len(rows):] == 0)  # zero padding after the detections
+        np.testing.assert_allclose(rows, want, rtol=1e-5, atol=1e-3)
+        total += len(rows)
+    assert total > 0
+
+
+def test_nms_sidecar(nms_model):
+    sc = sidecar.load(nms_model[1])
+    assert sc.output.kind == "nms" and sc.output.box_format == "xyxy"
+    assert sc.output.shape == [1, S.max_det, 6]
+    assert sc.extra["nms"]["max_det"] == S.max_det and sc.extra["nms"]["iou"] == S.iou
+    assert sc.extra["nms_parity"]["passed"] is True
+
+
+def test_nms_with_dynamic_batch_is_refused(tiny_ckpt, tmp_path):
+    from d3n.errors import D3NError
+
+    with pytest.raises(D3NError, match="batch-1"):
+        export_model(ExportOptions(model=tiny_ckpt, nms=True, dynamic=True, out=tmp_path))
