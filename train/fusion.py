@@ -20,7 +20,12 @@ keeps early training as stable as the baseline's.
 
 Every component has a switch so Tables I-III rerun by one flag; `mode` swaps the whole fusion for
 the Table II alternatives: "concat" (concat + 1x1 conv), "sum" (X + D'), "weighted_sum"
-(learnable softmax weights over X and D').
+(learnable softmax weights over X and D'). The tables' columns map onto the config as:
+
+    Table I   dual self-att -> use_self_x + use_self_d; weighted sum -> learn_weights;
+              residual -> residual; norm -> norm (all off = plain cross-attention, row 1)
+    Table II  mode: concat | sum | weighted_sum | dynamic
+    Table III noise filter -> use_filter; without dynamic cross-fusion -> another `mode`
 """
 
 from __future__ import annotations

@@ -78,6 +78,22 @@ def test_ddpm_features_change_the_output_once_trained():
     assert (fusion(x, d) - fusion(x, d + 1.0 * torch.randn_like(d))).abs().max() > 1e-3
 
 
+def test_zero_initialised_fusion_learns_to_use_the_ddpm_features():
+    """From out == X, a few optimiser steps pull the output towards a target built from D."""
+    x, d = _inputs(h=6, w=6)
+    target = x + torch.tanh(d[:, :CX // 2].repeat(1, 2, 1, 1))
+    fusion = CrossFusion(CX, CD, FusionConfig(kv_size=6))
+    opt = torch.optim.Adam(fusion.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        loss = (fusion(x, d) - target).pow(2).mean()
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
 @pytest.mark.parametrize("cfg,expect_zero", [
     (FusionConfig(), []),
     (FusionConfig(use_cross=False), [0]),
