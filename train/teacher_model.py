@@ -15,6 +15,7 @@ DetectionModel keys).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,17 @@ def build_detector(model: str, nc: int) -> nn.Module:
     det = DetectionModel(model, nc=nc, verbose=False)
     det.args = get_cfg()  # default loss gains (box/cls/dfl); a trainer may replace them
     return det
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-plain copy (numpy/torch scalars -> numbers, Paths -> str) so weights_only loading works."""
+    def convert(o: Any) -> Any:
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        if isinstance(o, os.PathLike):
+            return str(o)
+        raise TypeError(f"teacher checkpoint metadata: cannot store {type(o).__name__}")
+    return json.loads(json.dumps(obj, default=convert))
 
 
 class FusionTeacher(nn.Module):
@@ -127,7 +139,8 @@ class FusionTeacher(nn.Module):
     def save(self, path: str | os.PathLike, **extra: Any) -> Path:
         """Self-contained checkpoint: format tag, config, state_dict (+ plain `extra` metadata)."""
         ckpt = {"format": CHECKPOINT_FORMAT, "config": self.config.model_dump(mode="json"),
-                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}, "extra": extra}
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                "extra": _plain(extra)}
         return save_with(path, lambda p: torch.save(ckpt, p))
 
     @classmethod

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from d3n.train.fusion import FusionConfig
@@ -129,10 +130,11 @@ def test_checkpoint_round_trip_keeps_config_and_outputs(tmp_path):
                         fusion=FusionConfig(mode="weighted_sum", use_filter=False, kv_size=8))
     t = FusionTeacher(cfg)
     _perturb(t.fusions)
-    path = t.save(tmp_path / "teacher.pt", epoch=3)
+    path = t.save(tmp_path / "teacher.pt", epoch=3, metrics={"mAP50": np.float32(0.5)}, data=tmp_path)
     loaded = FusionTeacher.load(path)
     assert loaded.config == cfg
-    assert torch.load(path, weights_only=True)["extra"] == {"epoch": 3}
+    extra = torch.load(path, weights_only=True)["extra"]
+    assert extra == {"epoch": 3, "metrics": {"mAP50": 0.5}, "data": str(tmp_path)}
     t.eval()
     loaded.eval()
     with torch.no_grad():
