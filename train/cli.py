@@ -18,6 +18,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_baseline)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
+    t = sub.add_parser("teacher", help="the D3N fusion teacher")
+    tt = t.add_subparsers(dest="teacher_cmd", metavar="WHAT")
+    tr = tt.add_parser("train", help="train YOLOv5s fused with DDPM features at P3/P4/P5")
+    tr.add_argument("--data", type=Path, required=True)
+    tr.add_argument("--repo", type=Path, required=True, help="compressed repository of the train split")
+    tr.add_argument("--val-repo", type=Path, required=True, help="compressed repository of the val split")
+    tr.add_argument("--resvae", type=Path, help="compressor run (default: recorded in the repository)")
+    tr.add_argument("--out", type=Path, required=True)
+    tr.add_argument("--config", type=Path, help="YAML with train settings (TrainConfig keys)")
+    tr.add_argument("--fusion", help="fusion mode: dynamic (paper), concat, sum, weighted_sum")
+    add_train_args(tr)
+    tr.set_defaults(func=_teacher)
+    t.set_defaults(func=lambda a: t.print_help() or 2)
+
     v = sub.add_parser("val", help="evaluate a detector checkpoint on a dataset split")
     v.add_argument("--model", type=Path, required=True)
     v.add_argument("--data", type=Path, required=True)
@@ -56,6 +70,22 @@ def _baseline(args) -> int:
     m = baseline.run(cfg)
     print(f"baseline: mAP50 {m['mAP50']:.3f}  mAP50-95 {m['mAP50-95']:.3f}  params {m['params']:,}  "
           f"GFLOPs {m['gflops']:.2f} @ {m['imgsz']} -> {args.out / 'best.pt'}")
+    return 0
+
+
+def _teacher(args) -> int:
+    from d3n.config import validate
+    from d3n.train import teacher
+    from d3n.train.fusion import FusionConfig
+    from d3n.train.loop import TrainConfig
+
+    tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
+    fusion = validate(FusionConfig, {"mode": args.fusion} if args.fusion else {}, "--fusion")
+    cfg = teacher.TeacherStageConfig(data=args.data, repo=args.repo, val_repo=args.val_repo, out=args.out,
+                                     resvae=args.resvae, fusion=fusion, train=tcfg)
+    m = teacher.run(cfg)
+    print(f"teacher: mAP50 {m['mAP50']:.3f}  mAP50-95 {m['mAP50-95']:.3f}  branch weights {m['branch_weights']}"
+          f"  -> {args.out / 'best.pt'}")
     return 0
 
 

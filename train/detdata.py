@@ -56,6 +56,7 @@ class Piece:
     """One source image's contribution to a sample."""
 
     index: int  # index of the source image in the split
+    stem: str  # its file stem: the image id in the feature repository
     M: np.ndarray  # 3x3, source pixel (x, y, 1) -> output pixel
     rect: tuple[float, float, float, float]  # visible part of the source, in source pixels x1 y1 x2 y2
     src_hw: tuple[int, int]  # source image height, width
@@ -141,7 +142,7 @@ class DetectionDataset(Dataset):
         canvas = np.full((s, s, 3), 114, np.uint8)
         canvas[top:top + nh, left:left + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
         boxes = transform_boxes(self.boxes_px(index, (h, w)), M)
-        return canvas, boxes, [Piece(index, M, (0.0, 0.0, float(w), float(h)), (h, w))], s
+        return canvas, boxes, [Piece(index, self.files[index].stem, M, (0.0, 0.0, float(w), float(h)), (h, w))], s
 
     def _mosaic(self, index: int, rng: np.random.Generator):
         """4-image mosaic on a 2S canvas around a random centre; each piece is a translated crop."""
@@ -174,7 +175,7 @@ class DetectionDataset(Dataset):
             rect = (b[0] * w0 / w, b[1] * h0 / h, b[2] * w0 / w, b[3] * h0 / h)
             boxes = clip_boxes(self.boxes_px(i, (h0, w0)), rect)
             all_boxes.append(transform_boxes(boxes, M))
-            pieces.append(Piece(int(i), M, rect, (h0, w0)))
+            pieces.append(Piece(int(i), self.files[i].stem, M, rect, (h0, w0)))
         return canvas, np.concatenate(all_boxes), pieces, 2 * s
 
     def _final_affine(self, canvas, boxes, pieces, size, rng):
@@ -191,9 +192,12 @@ class DetectionDataset(Dataset):
         if self.aug.fliplr and rng.random() < self.aug.fliplr:
             A = flip_lr(s) @ A
         if not np.allclose(A, np.eye(3)):
-            canvas = cv2.warpAffine(canvas, A[:2], (s, s), flags=cv2.INTER_LINEAR, borderValue=(114, 114, 114))
+            # A works on continuous coordinates (pixel i spans [i, i+1]); OpenCV puts pixel centres on
+            # integers, so shift by half a pixel on both sides.
+            A_cv = translate(-0.5, -0.5) @ A @ translate(0.5, 0.5)
+            canvas = cv2.warpAffine(canvas, A_cv[:2], (s, s), flags=cv2.INTER_LINEAR, borderValue=(114, 114, 114))
         boxes = filter_boxes(transform_boxes(boxes, A), s)
-        pieces = [Piece(p.index, A @ p.M, p.rect, p.src_hw) for p in pieces]
+        pieces = [Piece(p.index, p.stem, A @ p.M, p.rect, p.src_hw) for p in pieces]
         return canvas, boxes, pieces
 
 

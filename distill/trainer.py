@@ -1,0 +1,111 @@
+"""`d3n distill`: power transfer from the fusion teacher into a plain YOLOv5s (paper §III-D, Fig. 7).
+
+The student is exactly the baseline's architecture and trains with the baseline's loop, schedule
+and seed; the only difference is Eq. 7's teacher terms added to its ground-truth loss. The
+teacher is frozen in eval mode (BatchNorm statistics fixed, DESIGN.md), runs in the same step on
+the same augmented batch (its DDPM features warped with that batch's augmentation), and is never
+part of the student's checkpoint. The student is evaluated on the plain dataloader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from d3n.artifacts import CONFIG, METRICS, Manifest, read_json, write_json, write_yaml
+from d3n.config import StrictModel
+from d3n.data.layout import DatasetLayout
+from d3n.distill.loss import DistillConfig, DistillLoss
+from d3n.errors import ArtifactError
+from d3n.train import detector
+from d3n.train.baseline import finish
+from d3n.train.ddpm_feats import FeatureProvider
+from d3n.train.loop import TrainConfig, train
+from d3n.train.profile import complexity
+from d3n.train.teacher_model import FusionTeacher
+
+
+class DistillStageConfig(StrictModel):
+    teacher: Path  # the teacher run's best.pt
+    data: Path
+    repo: Path  # compressed repository of the train split (the teacher's input)
+    out: Path
+    resvae: Path | None = None  # compressor run; default: the one recorded in the repository
+    distill: DistillConfig = DistillConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class DistillTask:
+    def __init__(self, student, teacher: FusionTeacher, features: FeatureProvider, imgsz: int,
+                 loss: DistillLoss, train_args: dict):
+        self.model = student
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.features = features
+        self.imgsz = imgsz
+        self.distill_loss = loss
+        self.train_args = train_args
+
+    def loss(self, model, batch):
+        preds = model(batch["img"])
+        gt, items = model.loss(batch, preds)
+        self.teacher.eval()  # never let BatchNorm statistics drift
+        with torch.no_grad():
+            t_preds = self.teacher(batch["img"], self.features(batch["pieces"], self.imgsz))
+        total, terms = self.distill_loss(preds, t_preds, gt_loss=gt)
+        out = {k.removesuffix("_loss"): float(v) for k, v in items.items()}
+        out.update({k: float(v) for k, v in terms.items() if k != "gt"})
+        return total, out
+
+    def predict(self, model, batch):
+        return model(batch["img"])[0]
+
+    def save(self, model, path: Path, metrics: dict) -> None:
+        detector.save(model, path, self.train_args, metrics)
+
+
+def run(cfg: DistillStageConfig) -> dict:
+    layout = DatasetLayout.open(cfg.data)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump = cfg.model_dump(mode="json")
+    write_yaml(out / CONFIG, dump)
+    manifest = Manifest(out, "distill", {"data": str(layout.root), "teacher": str(cfg.teacher),
+                                         "repo": str(cfg.repo)}, dump)
+    device = torch.device(cfg.train.device)
+    teacher = FusionTeacher.load(cfg.teacher).to(device)
+    if teacher.config.nc != layout.nc:
+        raise ArtifactError(f"{cfg.teacher}: teacher has {teacher.config.nc} classes, {layout.yaml_path} has {layout.nc}")
+    features = FeatureProvider([cfg.repo], cfg.resvae, device=cfg.train.device)
+    if features.channels != teacher.config.ddpm_channels:
+        raise ArtifactError(f"{cfg.repo}: decodes to {features.channels} channels, teacher {cfg.teacher} "
+                            f"was trained on {teacher.config.ddpm_channels}")
+    student = detector.build(layout.nc, list(layout.names))
+    train_args = {"model": detector.ARCH, "data": str(layout.yaml_path), "imgsz": cfg.train.imgsz,
+                  "epochs": cfg.train.epochs, "batch": cfg.train.batch, "seed": cfg.train.seed}
+    task = DistillTask(student, teacher, features, cfg.train.imgsz, DistillLoss(cfg.distill), train_args)
+    with manifest.timed("train"):
+        best = train(task, cfg.train, layout.root, out, list(layout.names))
+    metrics = finish(out, best, student, cfg.train, "student")
+    metrics.update(same_size_check(student, layout, cfg.train.imgsz))
+    metrics["teacher"] = _teacher_summary(cfg.teacher)
+    metrics["distill"] = cfg.distill.model_dump()
+    write_json(out / METRICS, metrics)
+    manifest.complete(["best.pt", METRICS])
+    return metrics
+
+
+def same_size_check(student, layout: DatasetLayout, imgsz: int) -> dict:
+    """The student must be exactly the baseline's architecture: compare with a fresh YOLOv5s."""
+    ref = complexity(detector.build(layout.nc, list(layout.names)), imgsz)
+    own = complexity(student, imgsz)
+    return {"baseline_params": ref["params"], "baseline_gflops": ref["gflops"],
+            "same_params_and_flops_as_baseline": ref["params"] == own["params"] and ref["gflops"] == own["gflops"]}
+
+
+def _teacher_summary(path: Path) -> dict:
+    metrics = Path(path).parent / METRICS
+    m = read_json(metrics) if metrics.exists() else {}
+    return {"checkpoint": str(path), **{k: m.get(k) for k in ("mAP50", "mAP50-95")}}

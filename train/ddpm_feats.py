@@ -1,0 +1,76 @@
+"""Feature mapping for the teacher (paper Fig. 5): latents from the compressed repository ->
+frozen decoder -> DDPM features, warped into each training sample's frame.
+
+Per level, the T timesteps' decoded maps are stacked on the channel axis, so the teacher sees
+T x C channels of DDPM semantics at P3/P4/P5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from d3n.errors import ArtifactError
+from d3n.train.align import warp_pieces
+from d3n.train.compress import load_decoder
+from d3n.train.featstore import FeatureStore
+
+LEVELS = ("p3", "p4", "p5")
+STRIDES = {"p3": 8, "p4": 16, "p5": 32}
+
+
+class FeatureProvider:
+    """Serves warped DDPM features for batches from `detdata.DetectionDataset`."""
+
+    def __init__(self, repos: list[Path], compressor: Path | None = None, device: str = "cpu"):
+        self.stores = [FeatureStore.open(r) for r in repos]
+        kinds = {s.kind for s in self.stores}
+        if len(kinds) != 1:
+            raise ArtifactError(f"repositories {list(map(str, repos))} mix kinds {sorted(kinds)}")
+        self.kind = kinds.pop()
+        self.levels = self.stores[0].levels
+        if tuple(self.levels) != LEVELS:
+            raise ArtifactError(f"{repos[0]}: levels {self.levels}, expected {list(LEVELS)}")
+        self.device = torch.device(device)
+        if self.kind == "raw":
+            self.decoder = None  # the raw repository holds the features themselves
+        else:
+            compressor = Path(compressor or self.stores[0].meta.get("compressor", ""))
+            if not compressor.exists():
+                raise ArtifactError(f"{repos[0]}: compressor run '{compressor}' not found (pass --resvae)")
+            self.decoder = load_decoder(compressor, device=str(self.device))
+        self.compressor = compressor if self.decoder is not None else None
+        self.channels = self._probe_channels()
+
+    def _lookup(self, stem: str) -> dict[str, np.ndarray]:
+        for s in self.stores:
+            if stem in s._pos:
+                return s.get(stem)
+        raise ArtifactError(f"image '{stem}' is in none of the repositories {[str(s.root) for s in self.stores]}")
+
+    @torch.no_grad()
+    def _decode(self, level: str, lat: np.ndarray) -> torch.Tensor:
+        """(P, T, c, H, W) latents -> (P, T*C, H, W) features."""
+        x = torch.from_numpy(np.ascontiguousarray(lat, dtype=np.float32)).to(self.device)
+        p, t = x.shape[:2]
+        x = x.flatten(0, 1)
+        if self.decoder is not None:
+            x = self.decoder[level](x)
+        return x.reshape(p, t * x.shape[1], *x.shape[2:])
+
+    def _probe_channels(self) -> dict[str, int]:
+        sample = self.stores[0].get_index(0)
+        return {lv: int(self._decode(lv, sample[lv][None]).shape[1]) for lv in self.levels}
+
+    @torch.no_grad()
+    def __call__(self, pieces_per_sample: list[list], imgsz: int) -> dict[str, torch.Tensor]:
+        flat = [p for ps in pieces_per_sample for p in ps]
+        raw = [self._lookup(p.stem) for p in flat]
+        out = {}
+        for lv in self.levels:
+            feats = self._decode(lv, np.stack([r[lv] for r in raw]))
+            hw = (imgsz // STRIDES[lv], imgsz // STRIDES[lv])
+            out[lv] = warp_pieces(feats, pieces_per_sample, hw, STRIDES[lv])
+        return out

@@ -1,0 +1,133 @@
+"""`d3n teacher train`: the cross-model fusion teacher (paper §III-C, Fig. 4).
+
+YOLOv5s whose neck fuses DDPM features at P3/P4/P5, trained with the same loop, schedule and
+augmentation as the baseline; the features are decoded from the compressed repository and warped
+with each sample's augmentation (train/ddpm_feats.py). The fusion's branch weights are logged every
+epoch and plotted (Fig. 11).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from d3n.artifacts import CONFIG, METRICS, Manifest, atomic_path, write_json, write_yaml
+from d3n.config import StrictModel
+from d3n.data.layout import DatasetLayout
+from d3n.errors import ArtifactError
+from d3n.train.ddpm_feats import FeatureProvider
+from d3n.train.fusion import FusionConfig
+from d3n.train.loop import TrainConfig, train
+from d3n.train.plots import plot_history, plot_per_class
+from d3n.train.profile import count_params
+from d3n.train.teacher_model import FusionTeacher, TeacherConfig
+
+
+class TeacherStageConfig(StrictModel):
+    data: Path
+    repo: Path  # compressed repository of the train split
+    val_repo: Path  # the val split's repository, compressed with the same compressor
+    out: Path
+    resvae: Path | None = None  # compressor run; default: the one recorded in the repository
+    fusion: FusionConfig = FusionConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class TeacherTask:
+    def __init__(self, model: FusionTeacher, features: FeatureProvider, imgsz: int, extra: dict):
+        self.model = model
+        self.features = features
+        self.imgsz = imgsz
+        self.extra = extra
+
+    def loss(self, model, batch):
+        ddpm = self.features(batch["pieces"], self.imgsz)
+        preds = model(batch["img"], ddpm)
+        loss, items = model.loss(batch, preds)
+        return loss.sum(), {k.removesuffix("_loss"): float(v) for k, v in items.items()}
+
+    def predict(self, model, batch):
+        return model(batch["img"], self.features(batch["pieces"], self.imgsz))[0]
+
+    def save(self, model, path: Path, metrics: dict) -> None:
+        model.save(path, metrics={k: v for k, v in metrics.items() if k != "history"}, **self.extra)
+
+
+def run(cfg: TeacherStageConfig) -> dict:
+    layout = DatasetLayout.open(cfg.data)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump = cfg.model_dump(mode="json")
+    write_yaml(out / CONFIG, dump)
+    inputs = {"data": str(layout.root), "repo": str(cfg.repo), "val_repo": str(cfg.val_repo)}
+    manifest = Manifest(out, "teacher", inputs, dump)
+    features = FeatureProvider([cfg.repo, cfg.val_repo], cfg.resvae, device=cfg.train.device)
+    _check_coverage(features, layout)
+    model = FusionTeacher(TeacherConfig(nc=layout.nc, ddpm_channels=features.channels, fusion=cfg.fusion))
+    extra = {"names": list(layout.names), "imgsz": cfg.train.imgsz, "repo": str(Path(cfg.repo).resolve()),
+             "compressor": str(features.compressor or "")}
+    task = TeacherTask(model, features, cfg.train.imgsz, extra)
+
+    def log_branches(m, epoch):
+        return {f"w_{lv}_{name}": w for lv, ws in m.branch_weights().items()
+                for name, w in zip(("cross", "det", "ddpm"), ws)}
+
+    with manifest.timed("train"):
+        best = train(task, cfg.train, layout.root, out, list(layout.names), on_epoch=log_branches)
+    history = best.pop("history", [])
+    metrics = {k: best.get(k) for k in ("mAP50", "mAP50-95", "precision", "recall", "per_class_AP50")}
+    metrics.update({"best_epoch": best.get("epoch"), "params": count_params(model),
+                    "detector_params": count_params(model.detector), "imgsz": cfg.train.imgsz,
+                    "epochs": cfg.train.epochs, "seed": cfg.train.seed, "ddpm_channels": features.channels,
+                    "fusion": cfg.fusion.model_dump(), "branch_weights": model.branch_weights(),
+                    "train_seconds": round(sum(r["seconds"] for r in history), 1)})
+    write_json(out / METRICS, metrics)
+    plot_history([{k: v for k, v in r.items() if not k.startswith("w_")} for r in history],
+                 out / "results.png", "teacher")
+    plot_per_class(metrics["per_class_AP50"] or {}, out / "per_class_ap50.png", "teacher: AP50 per class")
+    plot_branch_weights(history, out / "branch_weights.png")
+    manifest.complete(["best.pt", METRICS])
+    return metrics
+
+
+def _check_coverage(features: FeatureProvider, layout: DatasetLayout) -> None:
+    """Every train and val image must have features; say which are missing rather than fail later."""
+    have = {i for s in features.stores for i in s.image_ids}
+    missing = [p.name for split in ("train", "val") for p in layout.images(split) if p.stem not in have]
+    if missing:
+        raise ArtifactError(f"{len(missing)} images of {layout.yaml_path} have no DDPM features in the given "
+                            f"repositories (first: {missing[:5]}); build them with `d3n repo build --split ...`")
+
+
+def plot_branch_weights(history: list[dict], path: Path) -> Path | None:
+    """Fig. 11: the learned weights of the cross / detector / DDPM branches per level, per epoch."""
+    keys = [k for k in (history[0] if history else {}) if k.startswith("w_")]
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({k.split("_")[1] for k in keys})
+    fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 2.8), squeeze=False)
+    for ax, lv in zip(axes[0], levels):
+        for name in ("cross", "det", "ddpm"):
+            k = f"w_{lv}_{name}"
+            if k in history[0]:
+                ax.plot([r["epoch"] for r in history], [r[k] for r in history], marker=".", label=name)
+        ax.set_title(f"{lv} branch weights", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def load_teacher(path: Path, device: str = "cpu") -> tuple[FusionTeacher, dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
+    model = FusionTeacher.load(path)
+    return model.to(device).eval(), (ckpt or {}).get("extra", {})
