@@ -55,26 +55,36 @@ def xywh2xyxy(b: np.ndarray) -> np.ndarray:
     return out
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes: (n, 4) x (m, 4) -> (n, m)."""
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = w * h
+    return inter / (area_a[:, None] + area_b[None, :] - inter + 1e-12)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float, block: int = 2048) -> np.ndarray:
     """Greedy NMS; returns indices of kept boxes in descending score order.
 
     A box is suppressed when its IoU with a kept, higher-scoring box is > `iou_thres`
-    (torchvision's rule).
+    (torchvision's rule). Up to `block` boxes the IoU matrix is computed once, so the greedy
+    loop is one cheap row lookup per box; beyond that, rows are computed on demand.
     """
     order = np.argsort(-scores, kind="stable")
-    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    b = boxes[order].astype(np.float32)
+    n = len(b)
+    iou = box_iou(b, b) if n <= block else None
+    suppressed = np.zeros(n, dtype=bool)
     keep = []
-    while order.size:
-        i = order[0]
+    for i in range(n):
+        if suppressed[i]:
+            continue
         keep.append(i)
-        rest = order[1:]
-        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
-        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
-        inter = w * h
-        iou = inter / (areas[i] + areas[rest] - inter + 1e-12)
-        order = rest[iou <= iou_thres]
-    return np.asarray(keep, dtype=np.int64)
+        row = iou[i, i + 1:] if iou is not None else box_iou(b[i:i + 1], b[i + 1:])[0]
+        suppressed[i + 1:] |= row > iou_thres
+    return order[np.asarray(keep, dtype=np.int64)]
 
 
 def class_thresholds(nc: int, conf: float, class_conf: dict[int, float] | None = None) -> np.ndarray:

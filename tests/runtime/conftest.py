@@ -117,9 +117,9 @@ class _Block:
         if any(name == n or name.startswith(n + ".") for n in self.names):
             raise ImportError(f"blocked import of {name} (the runtime must not import it)")
         return None
-sys.meta_path.insert(0, _Block({names!r}))
+sys.meta_path.insert(0, _Block(NAMES))
 """
 
 
 def python_with_blocked(names: list[str], code: str) -> list[str]:
-    return [sys.executable, "-c", BLOCK_IMPORTS.format(names=names) + code]
+    return [sys.executable, "-c", BLOCK_IMPORTS.replace("NAMES", repr(list(names))) + code]
