@@ -125,12 +125,13 @@ def compress_repo(repo: str | os.PathLike, run_dir: str | os.PathLike, out: str 
 
 @torch.no_grad()
 def reconstruction_metrics(store: FeatureStore, codecs: dict[str, tuple[nn.Module, nn.Module]],
-                           image_ids: list[str] | None = None, batch: int = 32) -> dict[str, dict[str, float]]:
+                           image_ids: list[str] | None = None, batch: int = 32,
+                           levels: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Per level: mean cosine similarity (per feature map, flattened) and relative MSE
     (sum of squared error / sum of squares) of decode(encode(x)) against x."""
     ids = image_ids if image_ids is not None else store.image_ids
     result = {}
-    for lv in store.levels:
+    for lv in levels or store.levels:
         enc, dec = codecs[lv]
         cos_sum, n_maps, err, ref = 0.0, 0, 0.0, 0.0
         for i in range(0, len(ids), batch):
@@ -143,3 +144,31 @@ def reconstruction_metrics(store: FeatureStore, codecs: dict[str, tuple[nn.Modul
             ref += float(x.pow(2).sum())
         result[lv] = {"cosine": cos_sum / n_maps, "rel_mse": err / max(ref, 1e-12)}
     return result
+
+
+def compress_run(repo: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.PathLike,
+                 method: str | None = None, batch: int = 32, progress: bool = True) -> dict[str, Any]:
+    """`d3n repo compress`: the compressed repository plus its config, metrics and manifest."""
+    from d3n.train.featstore import INDEX
+
+    from d3n.artifacts import CONFIG, METRICS, Manifest, write_json, write_yaml
+
+    found = compressor_method(run_dir)
+    if method is not None and method != found:
+        raise ArtifactError(f"{Path(run_dir) / COMPRESSOR}: is a '{found}' compressor, not '{method}'")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"repo": str(repo), "compressor": str(run_dir), "method": found, "batch": batch}
+    write_yaml(out / CONFIG, config)
+    manifest = Manifest(out, "repo-compress", inputs={"repo": Path(repo) / INDEX,
+                                                      "compressor": Path(run_dir) / COMPRESSOR}, config=config)
+    with manifest.timed("compress"):
+        store = compress_repo(repo, run_dir, out, batch=batch, progress=progress)
+    raw = FeatureStore.open(repo, verify=False)
+    metrics = {"method": found, "images": len(store), "raw_bytes": raw.nbytes(), "compressed_bytes": store.nbytes(),
+               "ratio": store.nbytes() / raw.nbytes(), "raw_disk_bytes": raw.disk_bytes(),
+               "compressed_disk_bytes": store.disk_bytes(), "disk_ratio": store.disk_bytes() / raw.disk_bytes(),
+               "shapes": {lv: store.shape(lv) for lv in store.levels}}
+    write_json(out / METRICS, metrics)
+    manifest.complete(outputs=[INDEX, METRICS, CONFIG])
+    return metrics

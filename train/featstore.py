@@ -176,7 +176,12 @@ class FeatureStore:
         return self._shapes[level]
 
     def nbytes(self) -> int:
-        """Bytes of the feature arrays on disk."""
+        """Bytes of feature data (all items, all levels): what a loader moves and holds."""
+        per_image = sum(int(np.prod(self._shapes[lv])) for lv in self.levels) * np.dtype(DTYPE).itemsize
+        return per_image * len(self.image_ids)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the shard files on disk (data plus the .npy headers)."""
         return sum((self.root / f["file"]).stat().st_size for s in self._shards for f in s["files"].values())
 
     def _map(self, level: str, k: int) -> np.ndarray:

@@ -100,7 +100,7 @@ class ResVAE(nn.Module):
         mse = F.mse_loss(y, target, reduction="none").sum(1).mean()
         kl = (0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)).sum(1).mean()
         total = mse + kl_weight * kl
-        return total, {"loss": float(total), "mse": float(mse), "kl": float(kl)}
+        return total, {"loss": float(total.detach()), "mse": float(mse.detach()), "kl": float(kl.detach())}
 
 
 class ResVAEEncoder(nn.Module):

@@ -1,0 +1,158 @@
+"""`d3n ddpm train`: pre-train the DDPM on the training images (paper §III-B, §IV-A).
+
+Epsilon-prediction MSE at uniformly drawn timesteps, Adam with cosine annealing, optional EMA of
+the weights. Every `ckpt_every` steps the complete state is saved (model, optimizer, LR
+schedule, EMA, noise RNG, loss history); the data order is a pure function of (seed, epoch), so
+a killed run resumed from its checkpoint continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from d3n.train.ddpm import T_STEPS, WEIGHTS, build_scheduler, build_unet, load_images, unet_config
+from tqdm import tqdm
+
+from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, save_with, write_json, write_yaml
+from d3n.config import StrictModel
+from d3n.data.layout import DatasetLayout
+from d3n.errors import ArtifactError, ConfigError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class DDPMTrainConfig(StrictModel):
+    data: str
+    preset: Literal["tiny", "paper"] = "tiny"
+    size: int = 64  # paper §IV-A: 64x64 DDPM input
+    split: str = "train"
+    steps: int | None = None  # total optimizer steps; or give epochs
+    epochs: int | None = None
+    batch: int = 8  # paper uses 2 (GPU memory); 8 suits the tiny preset on CPU
+    lr: float = 1e-4  # paper: 5e-6 -> 5e-8 for long GPU runs; a short run needs a larger start
+    lr_min: float = 0.0
+    ema: float = 0.999  # EMA decay of the weights; 0 disables
+    ckpt_every: int = 50
+    seed: int = 0
+
+
+def total_steps(cfg: DDPMTrainConfig, n_images: int) -> int:
+    if (cfg.steps is None) == (cfg.epochs is None):
+        raise ConfigError("give exactly one of --steps or --epochs")
+    return cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch(n_images, cfg.batch)
+
+
+def steps_per_epoch(n_images: int, batch: int) -> int:
+    return max(1, n_images // batch)
+
+
+def batch_indices(step: int, n_images: int, batch: int, seed: int) -> torch.Tensor:
+    """Images of one step: epoch e's order is a permutation seeded by (seed, e)."""
+    spe = steps_per_epoch(n_images, batch)
+    epoch, pos = divmod(step, spe)
+    perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return perm[pos * batch:(pos + 1) * batch]
+
+
+class Trainer:
+    def __init__(self, cfg: DDPMTrainConfig, images: torch.Tensor, total: int):
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.images, self.total = cfg, images, total
+        self.unet = build_unet(unet_config(cfg.preset, cfg.size))
+        self.scheduler = build_scheduler()
+        self.opt = torch.optim.Adam(self.unet.parameters(), lr=cfg.lr)
+        self.lrs = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total, eta_min=cfg.lr_min)
+        self.ema = {k: v.detach().clone() for k, v in self.unet.state_dict().items()} if cfg.ema > 0 else None
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.losses: list[float] = []
+
+    def train_step(self) -> float:
+        idx = batch_indices(self.step, len(self.images), self.cfg.batch, self.cfg.seed)
+        x0 = self.images[idx]
+        noise = torch.randn(x0.shape, generator=self.gen)
+        t = torch.randint(0, T_STEPS, (x0.shape[0],), generator=self.gen)
+        xt = self.scheduler.add_noise(x0, noise, t)
+        loss = F.mse_loss(self.unet(xt, t).sample, noise)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.lrs.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in self.unet.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        self.ema[k].mul_(self.cfg.ema).add_(v, alpha=1 - self.cfg.ema)
+                    else:
+                        self.ema[k].copy_(v)
+        self.step += 1
+        self.losses.append(float(loss.detach()))
+        return self.losses[-1]
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "model": self.unet.state_dict(), "opt": self.opt.state_dict(),
+                "lrs": self.lrs.state_dict(), "ema": self.ema, "gen": self.gen.get_state(),
+                "losses": self.losses, "config": self.cfg.model_dump()}
+
+    def load_state(self, s: dict[str, Any]) -> None:
+        self.unet.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["opt"])
+        self.lrs.load_state_dict(s["lrs"])
+        self.ema = s["ema"]
+        self.gen.set_state(s["gen"])
+        self.step, self.losses = int(s["step"]), list(s["losses"])
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        return self.ema if self.ema is not None else self.unet.state_dict()
+
+
+def _resume(trainer: Trainer, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a bad file
+        raise ArtifactError(f"{path}: cannot load checkpoint ({exc}); delete it to start over") from None
+    if state["config"] != trainer.cfg.model_dump():
+        raise ArtifactError(f"{path}: checkpoint was made with a different config; use a new --out "
+                            "or the same options")
+    trainer.load_state(state)
+
+
+def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    out = Path(out)
+    data = DatasetLayout.open(cfg.data)
+    if is_complete(out, config=cfg.model_dump()):
+        return read_json(out / METRICS)
+    paths = data.images(cfg.split)
+    if not paths:
+        raise ConfigError(f"{data.yaml_path}: split '{cfg.split}' has no images")
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(out / CONFIG, cfg.model_dump())
+    manifest = Manifest(out, "ddpm", inputs={"data_yaml": data.yaml_path}, config=cfg.model_dump())
+    images = load_images(paths, cfg.size)
+    total = total_steps(cfg, len(paths))
+    trainer = Trainer(cfg, images, total)
+    if (out / CHECKPOINT).exists():
+        _resume(trainer, out / CHECKPOINT)
+    with manifest.timed("train"), tqdm(total=total, initial=trainer.step, desc="ddpm train",
+                                       disable=not progress) as bar:
+        while trainer.step < total:
+            loss = trainer.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if trainer.step % cfg.ckpt_every == 0 or trainer.step == total:
+                save_with(out / CHECKPOINT, lambda p: torch.save(trainer.state(), p))
+    config = {"preset": cfg.preset, "unet": unet_config(cfg.preset, cfg.size), "T": T_STEPS,
+              "data_yaml": str(data.yaml_path.resolve()), "split": cfg.split, "ema": cfg.ema > 0}
+    save_with(out / WEIGHTS, lambda p: torch.save({"config": config, "state_dict": trainer.final_weights()}, p))
+    tail = trainer.losses[-min(len(trainer.losses), 50):]
+    metrics = {"steps": trainer.step, "images": len(paths),
+               "params": sum(p.numel() for p in trainer.unet.parameters()),
+               "loss_first": trainer.losses[0], "loss_last50_mean": sum(tail) / len(tail),
+               "loss_curve": trainer.losses[:: max(1, math.ceil(len(trainer.losses) / 200))]}
+    write_json(out / METRICS, metrics)
+    manifest.complete(outputs=[WEIGHTS, METRICS, CONFIG])
+    return metrics

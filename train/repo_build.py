@@ -1,0 +1,85 @@
+"""`d3n repo build`: the raw feature repository of one split (paper §III-B, Fig. 3).
+
+Each image is noised to x_t for every t in `timesteps` (default {100, 150, 250}, paper §III-B)
+and the DDPM decoder's p3/p4/p5 maps are stored as float16 shards. Only the train split's
+repository is used to fit the compressor; the val split is built the same way, from the same
+DDPM, for evaluating the teacher. A killed build resumes at the first unfinished shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from d3n.train.ddpm import DDPM, load_images
+from d3n.train.featstore import INDEX, FeatureStore, StoreWriter
+from d3n.train.features import DecoderFeatures
+from tqdm import tqdm
+
+from d3n.artifacts import CONFIG, METRICS, Manifest, write_json, write_yaml
+from d3n.config import StrictModel
+from d3n.data.layout import DatasetLayout
+from d3n.errors import ConfigError
+
+DEFAULT_TIMESTEPS = (100, 150, 250)  # paper §III-B
+
+
+class RepoBuildConfig(StrictModel):
+    ddpm: str
+    data: str
+    split: str = "train"
+    timesteps: list[int] = list(DEFAULT_TIMESTEPS)
+    shard_size: int = 64  # images per shard
+    batch: int = 8
+
+
+def parse_timesteps(text: str) -> list[int]:
+    try:
+        ts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--timesteps: expected comma-separated integers, got '{text}'") from None
+    if not ts or any(not 0 <= t < 1000 for t in ts):
+        raise ConfigError(f"--timesteps: need integers in [0, 1000), got '{text}'")
+    return ts
+
+
+def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    out = Path(out)
+    data = DatasetLayout.open(cfg.data)
+    paths = data.images(cfg.split)
+    if not paths:
+        raise ConfigError(f"{data.yaml_path}: split '{cfg.split}' has no images")
+    ddpm = DDPM.load(cfg.ddpm)
+    extractor = DecoderFeatures(ddpm.unet, ddpm.scheduler, ddpm.size)
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(out / CONFIG, cfg.model_dump())
+    manifest = Manifest(out, "repo", inputs={"ddpm": Path(cfg.ddpm) / "ddpm.pt", "data_yaml": data.yaml_path},
+                        config=cfg.model_dump())
+    meta = {"ddpm_size": ddpm.size, "ddpm_run": str(Path(cfg.ddpm).resolve()),
+            "data_yaml": str(data.yaml_path.resolve()), "split": cfg.split, "hooks": extractor.hooks,
+            "compressor": None}
+    ids = [p.stem for p in paths]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{data.splits[cfg.split]}: duplicate image stems (ids must be unique)")
+    writer = StoreWriter(out, kind="raw", levels=list(extractor.hooks), timesteps=cfg.timesteps,
+                         image_ids=ids, shapes=extractor.shapes(), shard_size=cfg.shard_size, meta=meta)
+    pending = writer.pending()
+    with manifest.timed("extract"):
+        for k in tqdm(pending, desc=f"repo build ({cfg.split})", disable=not progress):
+            start, count = writer.ranges[k]
+            parts: dict[str, list[torch.Tensor]] = {lv: [] for lv in extractor.hooks}
+            for b in range(start, start + count, cfg.batch):
+                sl = slice(b, min(b + cfg.batch, start + count))
+                feats = extractor(load_images(paths[sl], ddpm.size), ids[sl], cfg.timesteps)
+                for lv, f in feats.items():
+                    parts[lv].append(f)
+            writer.write_shard(k, {lv: torch.cat(v).numpy() for lv, v in parts.items()})
+    writer.finish()
+    store = FeatureStore.open(out)
+    metrics = {"images": len(ids), "timesteps": cfg.timesteps, "shards": len(writer.ranges),
+               "shards_built_this_run": len(pending), "bytes": store.nbytes(), "disk_bytes": store.disk_bytes(),
+               "shapes": {lv: store.shape(lv) for lv in store.levels}, "hooks": extractor.hooks}
+    write_json(out / METRICS, metrics)
+    manifest.complete(outputs=[INDEX, METRICS])
+    return metrics

@@ -1,0 +1,126 @@
+"""Stage-1 commands: `d3n ddpm train`, `d3n repo build|compress`, `d3n resvae train`.
+
+Only argparse at import time; torch and diffusers are imported inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _print(metrics: dict) -> None:
+    keep = {k: v for k, v in metrics.items() if not k.endswith("_curve") and k != "held_out_images"}
+    print(json.dumps(keep, indent=2, default=str)[:4000])
+
+
+def _ddpm_train(args: argparse.Namespace) -> int:
+    from d3n.train.ddpm_train import DDPMTrainConfig, train_ddpm
+
+    from d3n.config import validate
+
+    fields = ("data", "preset", "size", "split", "steps", "epochs", "batch", "lr", "lr_min", "ema",
+              "ckpt_every", "seed")
+    cfg = validate(DDPMTrainConfig, {k: getattr(args, k) for k in fields if getattr(args, k) is not None},
+                   "d3n ddpm train")
+    _print(train_ddpm(cfg, args.out))
+    return 0
+
+
+def _repo_build(args: argparse.Namespace) -> int:
+    from d3n.train.repo_build import RepoBuildConfig, build_repo, parse_timesteps
+
+    from d3n.config import validate
+
+    data = {"ddpm": args.ddpm, "data": args.data, "split": args.split, "timesteps": parse_timesteps(args.timesteps),
+            "shard_size": args.shard_size, "batch": args.batch}
+    _print(build_repo(validate(RepoBuildConfig, data, "d3n repo build"), args.out))
+    return 0
+
+
+def _repo_compress(args: argparse.Namespace) -> int:
+    from d3n.train.compress import compress_run
+
+    _print(compress_run(args.repo, args.resvae, args.out, method=args.method, batch=args.batch))
+    return 0
+
+
+def _resvae_train(args: argparse.Namespace) -> int:
+    from d3n.train.resvae_train import CompressorTrainConfig, train_compressor
+
+    from d3n.config import validate
+
+    fields = ("repo", "method", "latent_channels", "epochs", "steps", "batch", "lr", "kl_weight", "hidden",
+              "blocks", "holdout", "seed")
+    cfg = validate(CompressorTrainConfig, {k: getattr(args, k) for k in fields if getattr(args, k) is not None},
+                   "d3n resvae train")
+    if args.no_pca_init:
+        cfg.pca_init = False
+    _print(train_compressor(cfg, args.out))
+    return 0
+
+
+def _ddpm_parser(sub) -> None:
+    p = sub.add_parser("ddpm", help="stage 1: DDPM pre-training").add_subparsers(dest="ddpm_cmd", metavar="CMD")
+    t = p.add_parser("train", help="train the DDPM on a split's images (resumes from its checkpoint)")
+    t.add_argument("--data", required=True, help="dataset folder or its data.yaml")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--preset", choices=("tiny", "paper"), help="UNet size (default tiny)")
+    t.add_argument("--size", type=int, help="DDPM input size (default 64)")
+    t.add_argument("--split", help="split to train on (default train)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--lr-min", dest="lr_min", type=float)
+    t.add_argument("--ema", type=float, help="EMA decay, 0 disables (default 0.999)")
+    t.add_argument("--ckpt-every", dest="ckpt_every", type=int)
+    t.add_argument("--seed", type=int)
+    t.set_defaults(func=_ddpm_train)
+
+
+def _repo_parser(sub) -> None:
+    p = sub.add_parser("repo", help="stage 1: feature repository").add_subparsers(dest="repo_cmd", metavar="CMD")
+    b = p.add_parser("build", help="extract DDPM decoder features of a split (resumes at the first missing shard)")
+    b.add_argument("--ddpm", required=True, help="DDPM run folder")
+    b.add_argument("--data", required=True)
+    b.add_argument("--out", required=True, help="repository folder")
+    b.add_argument("--timesteps", default="100,150,250", help="comma-separated t (paper: 100,150,250)")
+    b.add_argument("--split", default="train")
+    b.add_argument("--shard-size", dest="shard_size", type=int, default=64)
+    b.add_argument("--batch", type=int, default=8)
+    b.set_defaults(func=_repo_build)
+    c = p.add_parser("compress", help="write a repository's latents with a fitted compressor")
+    c.add_argument("--repo", required=True, help="raw repository (any split)")
+    c.add_argument("--resvae", required=True, help="compressor run folder (ResVAE or PCA)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--method", choices=("resvae", "pca"), help="assert the compressor's method")
+    c.add_argument("--batch", type=int, default=32)
+    c.set_defaults(func=_repo_compress)
+
+
+def _resvae_parser(sub) -> None:
+    p = sub.add_parser("resvae", help="stage 1: repository compressor").add_subparsers(dest="resvae_cmd", metavar="CMD")
+    t = p.add_parser("train", help="fit a ResVAE (or PCA) per level on a train-split repository")
+    t.add_argument("--repo", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--method", choices=("resvae", "pca"))
+    t.add_argument("--latent-channels", dest="latent_channels", type=int,
+                   help="latent width of the widest level (default width/8; paper 512 -> 64)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--steps", type=int, help="optimizer steps per level (overrides --epochs)")
+    t.add_argument("--batch", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--kl-weight", dest="kl_weight", type=float)
+    t.add_argument("--hidden", type=int)
+    t.add_argument("--blocks", type=int)
+    t.add_argument("--holdout", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--no-pca-init", dest="no_pca_init", action="store_true")
+    t.set_defaults(func=_resvae_train)
+
+
+def register(sub) -> None:
+    _ddpm_parser(sub)
+    _repo_parser(sub)
+    _resvae_parser(sub)
