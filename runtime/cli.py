@@ -58,6 +58,8 @@ def register(subparsers) -> None:
     p.add_argument("--metrics-port", type=int, default=None, help="serve /health and /metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for the metrics server (default 127.0.0.1)")
     p.add_argument("--video-fps", type=float, default=25.0, help="frame rate of a video sink (default 25)")
+    p.add_argument("--status-every", type=float, default=10.0, metavar="S",
+                   help="log a progress/status line every S seconds (0: never; default 10)")
     p.add_argument("--summary", default=None, metavar="JSON", help="write the final run stats to this file")
     p.set_defaults(func=_cmd_run)
 
@@ -89,7 +91,7 @@ def _cmd_run(args) -> int:
             device=args.device, max_fps=args.max_fps, max_frames=args.max_frames,
             duration=args.duration, max_reconnects=args.max_reconnects,
             metrics_port=args.metrics_port, metrics_host=args.metrics_host, stop_event=stop,
-            video_fps=args.video_fps)
+            video_fps=args.video_fps, status_every=args.status_every)
     finally:
         for sig, handler in previous.items():  # in-process callers get their handlers back
             signal.signal(sig, handler)

@@ -11,9 +11,8 @@ import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from d3n.runtime.stats import STAGES, Stats
-
 from d3n.errors import ConfigError
+from d3n.runtime.stats import STAGES, Stats
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from d3n.runtime.backends import Backend, check_input_shape
 
 from d3n.errors import ArtifactError, ConfigError
+from d3n.runtime.backends import Backend, check_input_shape
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,17 @@ def choose_device(device: str, available: list[str]) -> str:
     return device
 
 
+def trt_cache_path(model_path: Path, trt_cache_dir: Path | None = None) -> Path:
+    """Where the TensorRT EP keeps built engines: the option, $D3N_TRT_CACHE, or beside the model."""
+    return Path(trt_cache_dir or os.environ.get("D3N_TRT_CACHE") or
+                model_path.parent / f".{model_path.stem}.trt_cache")
+
+
 def provider_list(device: str, model_path: Path, fp16: bool, trt_cache_dir: Path | None) -> list:
     """Providers for `device`, each falling back to the next (TensorRT -> CUDA -> CPU)."""
     providers: list = []
     if device == "tensorrt":
-        cache = Path(trt_cache_dir or os.environ.get("D3N_TRT_CACHE") or
-                     model_path.parent / f".{model_path.stem}.trt_cache")
+        cache = trt_cache_path(model_path, trt_cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
         providers.append((PROVIDERS["tensorrt"], {
             "trt_engine_cache_enable": True,
@@ -81,6 +86,7 @@ class OrtBackend(Backend):
             raise ConfigError(f"--device {device}: {PROVIDERS[device]} failed to start for "
                               f"{model_path.name} (active: {', '.join(active)})")
         self.device = device
+        self.trt_cache = trt_cache_path(model_path, trt_cache_dir and Path(trt_cache_dir))
         self.name = f"onnxruntime-{device}"
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
@@ -89,6 +95,12 @@ class OrtBackend(Backend):
         self.output_names = [o.name for o in self.session.get_outputs()]
         log.info("%s: loaded %s, input %s %s", self.name, model_path.name, self.input_shape,
                  self.input_dtype)
+
+    def warmup(self, n: int = 1) -> float:
+        if self.device == "tensorrt":
+            log.info("%s: the first run builds the TensorRT engine (minutes on a Jetson; cached in "
+                     "%s for the next start)", self.name, self.trt_cache)
+        return super().warmup(n)
 
     def _run(self, blob: np.ndarray) -> np.ndarray:
         return self.session.run(self.output_names[:1], {self.input_name: blob})[0]

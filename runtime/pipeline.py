@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from d3n.errors import ConfigError
 from d3n.runtime.backends import Backend, open_backend
 from d3n.runtime.http import MetricsServer
 from d3n.runtime.postprocess import class_thresholds, postprocess
@@ -31,8 +32,6 @@ from d3n.runtime.roi import RoiMask
 from d3n.runtime.sinks import Result, Sink, SinkSet, parse_sink
 from d3n.runtime.sources import Source
 from d3n.runtime.stats import Stats
-
-from d3n.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +168,8 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
                  max_reconnects: int | None = None, backoff: tuple[float, float] = (0.5, 10.0),
                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
                  stop_event: threading.Event | None = None, on_result=None,
-                 stats: Stats | None = None, video_fps: float = 25.0) -> dict:
+                 stats: Stats | None = None, video_fps: float = 25.0,
+                 status_every: float = 60.0) -> dict:
     """Run `model` on `source` until the source ends, `max_frames`/`duration` is reached or
     `stop_event` is set; returns the run's stats (see module docstring).
 
@@ -178,6 +178,7 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
     class_conf: {class name: threshold} overriding `conf`. roi: mask image path or RoiMask.
     max_reconnects: consecutive failed reopen attempts allowed for a live source (None: forever).
     metrics_port: serve /health and /metrics on metrics_host:port (0: any free port).
+    on_result: called with each `sinks.Result`; status_every: seconds between status log lines.
     Raises D3NError subclasses for bad models, sidecars, sources, sinks and options.
     """
     if not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
@@ -210,8 +211,15 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
         for t in threads:
             t.start()
         deadline = None if duration is None else time.monotonic() + duration
+        next_status = time.monotonic() + status_every
         while threads[-1].is_alive():
             threads[-1].join(0.2)
+            if status_every and time.monotonic() >= next_status:  # a heartbeat in long runs
+                next_status += status_every
+                s = stats.summary()
+                log.info("status: %d frames, %.1f FPS, e2e p99 %.0f ms, dropped %d, reconnects %d, "
+                         "corrupt %d", s["frames"], s["fps"], s["latency_ms"]["end_to_end"]["p99"],
+                         s["frames_dropped"], s["reconnects"], s["corrupt_frames"])
             if deadline is not None and time.monotonic() >= deadline and not stop_event.is_set():
                 runner.stopped_by = "duration"
                 stop_event.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from d3n.runtime.preprocess import Letterbox
 
 MAX_NMS = 30000  # candidates kept before NMS, as ultralytics

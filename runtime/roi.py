@@ -10,9 +10,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from d3n.runtime.postprocess import Detections
 
 from d3n.errors import DataError
+from d3n.runtime.postprocess import Detections
 
 
 class RoiMask:

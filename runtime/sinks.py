@@ -20,10 +20,10 @@ from urllib.parse import urlparse
 
 import cv2
 import numpy as np
-from d3n.runtime.postprocess import Detections
-from d3n.runtime.sources import Frame
 
 from d3n.errors import ArtifactError, ConfigError
+from d3n.runtime.postprocess import Detections
+from d3n.runtime.sources import Frame
 
 log = logging.getLogger(__name__)
 

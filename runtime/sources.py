@@ -24,9 +24,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from d3n.runtime.stats import Stats
 
 from d3n.errors import ConfigError, DataError
+from d3n.runtime.stats import Stats
 
 log = logging.getLogger(__name__)
 

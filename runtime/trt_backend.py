@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from d3n.runtime.backends import Backend, check_input_shape
 
 from d3n.errors import ArtifactError, ConfigError
+from d3n.runtime.backends import Backend, check_input_shape
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
-from d3n.runtime.backends import open_backend
-from d3n.runtime.ort_backend import choose_device
 
 from d3n.cli import main
 from d3n.errors import ArtifactError, ConfigError
+from d3n.runtime.backends import open_backend
+from d3n.runtime.ort_backend import choose_device
 
 
 def test_open_backend_cpu(tiny_onnx):

@@ -10,8 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import d3n.runtime
 from conftest import make_frame, python_with_blocked
+
+import d3n.runtime
 
 FORBIDDEN = ["torch", "torchvision", "ultralytics", "d3n.train", "d3n.distill", "d3n.export"]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import IMGSZ, NAMES, make_frame
+
 from d3n.runtime.backends import open_backend
 from d3n.runtime.postprocess import (
     Detections,

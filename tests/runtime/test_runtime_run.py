@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 import pytest
 from conftest import NAMES, free_port, make_frame, write_video
+
+from d3n.cli import main
 from d3n.runtime.backends import open_backend
 from d3n.runtime.pipeline import run_pipeline
 from d3n.runtime.postprocess import class_thresholds, postprocess
 from d3n.runtime.preprocess import prepare
-
-from d3n.cli import main
 
 
 def run(capsys, *args) -> tuple[int, str]:
@@ -213,3 +213,8 @@ def test_metrics_and_health_scraped_while_running(tiny_onnx, tmp_path):
     for name in ("reconnects", "source_drops", "corrupt_frames", "frames_dropped"):
         assert f"d3n_{name}_total" in scraped
     assert result["frames"] == 40 and result["metrics_port"] == port
+
+
+def test_duration_and_max_fps_stop_a_run(tiny_onnx, image_dir):
+    stats = run_pipeline(tiny_onnx, f"{image_dir}/*.jpg", max_fps=2, duration=1.0, warmup=0)
+    assert stats["stopped_by"] == "duration" and 1 <= stats["frames"] < 8
