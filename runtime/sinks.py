@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -217,7 +218,7 @@ class MqttSink(Sink):
 
     kind = "mqtt"
 
-    def __init__(self, url: str, qos: int = 0):
+    def __init__(self, url: str, qos: int = 0, connect_wait: float = 3.0):
         super().__init__(url)
         try:
             import paho.mqtt.client as mqtt
@@ -234,20 +235,31 @@ class MqttSink(Sink):
         if u.username:
             self.client.username_pw_set(u.username, u.password)
         self.client.reconnect_delay_set(1, 30)
+        connected = threading.Event()
+        self.client.on_connect = lambda *a: connected.set()
         self.client.connect_async(u.hostname, u.port or 1883)
         self.client.loop_start()
         self._mqtt = mqtt
+        self._last = None
+        if not connected.wait(connect_wait):  # not fatal: paho keeps retrying in the background
+            log.warning("%s: broker not reachable yet; messages are dropped until it is", url)
 
     def write(self, result: Result) -> None:
         info = self.client.publish(self.topic, json.dumps(result.record()), qos=self.qos)
+        self._last = info
         if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
             self.dropped += 1
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.warning("%s: broker not reachable, %d message(s) dropped", self.target, self.dropped)
 
     def close(self) -> None:
-        self.client.loop_stop()
+        if self._last is not None and self._last.rc == self._mqtt.MQTT_ERR_SUCCESS:
+            try:  # let the network thread send what is queued before disconnecting
+                self._last.wait_for_publish(timeout=2.0)
+            except (RuntimeError, ValueError):
+                pass
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 def parse_sink(spec: str, fps: float = 25.0) -> Sink:
