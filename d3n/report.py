@@ -1,0 +1,94 @@
+"""The pipeline's closing report: baseline vs teacher vs student, as markdown, a plot and a table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from d3n.artifacts import MANIFEST, METRICS, atomic_path, write_json, write_text
+
+MODELS = (("baseline", "baseline"), ("teacher", "teacher"), ("student", "distill"))
+ROWS = ("mAP50", "mAP50-95", "precision", "recall")
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def collect(out: Path) -> dict:
+    models = {name: m for name, stage in MODELS if (m := _load(out / stage / METRICS))}
+    stages = {}
+    for d in sorted(p for p in out.iterdir() if p.is_dir()):
+        man = _load(d / MANIFEST)
+        if man:
+            stages[d.name] = man.get("seconds")
+    return {"models": models, "stage_seconds": stages}
+
+
+def table(models: dict[str, dict]) -> str:
+    cols = list(models)
+    names = list(next(iter(models.values())).get("per_class_AP50") or {}) if models else []
+    lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for k in ROWS:
+        lines.append(f"| {k} | " + " | ".join(_fmt(models[c].get(k)) for c in cols) + " |")
+    for n in names:
+        lines.append(f"| AP50 {n} | " + " | ".join(_fmt((models[c].get("per_class_AP50") or {}).get(n)) for c in cols) + " |")
+    lines.append("| params | " + " | ".join(_fmt(models[c].get("params"), ",") for c in cols) + " |")
+    lines.append("| GFLOPs | " + " | ".join(_fmt(models[c].get("gflops"), ".2f") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    if v is None:
+        return "-"
+    return format(v, spec)
+
+
+def plot(models: dict[str, dict], path: Path) -> Path | None:
+    if not models:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = ["mAP50", "mAP50-95", *[f"AP50 {n}" for n in next(iter(models.values())).get("per_class_AP50") or {}]]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.9), 3.2))
+    w = 0.8 / len(models)
+    for i, (label, m) in enumerate(models.items()):
+        vals = [m.get("mAP50") or 0, m.get("mAP50-95") or 0, *((m.get("per_class_AP50") or {}).values())]
+        ax.bar(x + i * w, vals, w, label=label)
+    ax.set_xticks(x + w * (len(models) - 1) / 2, names, rotation=30, fontsize=8, ha="right")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("baseline vs teacher vs student")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, timings: dict | None = None, status: dict | None = None) -> dict:
+    data = collect(out)
+    models = data["models"]
+    md = ["# D3N pipeline report", "", f"Run folder: `{out}`", ""]
+    if models:
+        md += ["## Detection (val split)", "", table(models), ""]
+        if "baseline" in models and "student" in models:
+            d = (models["student"]["mAP50"] or 0) - (models["baseline"]["mAP50"] or 0)
+            md += [f"Student vs baseline mAP50: {d:+.3f} (paper, NEU-DET 512 px, 100 epochs: +0.024).", ""]
+            same = models["student"].get("same_params_and_flops_as_baseline")
+            md += [f"Student params/FLOPs identical to the baseline's: {same}.", ""]
+        if plot(models, out / "report.png"):
+            md += ["![comparison](report.png)", ""]
+    md += ["## Stages", "", "| stage | seconds | this run |", "|---|---|---|"]
+    for stage, secs in data["stage_seconds"].items():
+        md.append(f"| {stage} | {_fmt(secs, '.1f')} | {(status or {}).get(stage, '-')} |")
+    write_text(out / "report.md", "\n".join(md) + "\n")
+    write_json(out / "report.json", {**data, "status": status or {}, "timings": timings or {}})
+    print("\n" + (table(models) if models else "(no trained models yet)"))
+    print(f"\nreport: {out / 'report.md'}")
+    return data
