@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from d3n.train.featstore import FeatureStore, StoreWriter
-from d3n.train.pca import PCADecoder, PCAEncoder
-from d3n.train.resvae import ResVAE, ResVAEDecoder, ResVAEEncoder
 from torch import nn
 from tqdm import tqdm
 
+from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, save_with, write_json, write_yaml
 from d3n.errors import ArtifactError
+from d3n.train.featstore import INDEX, FeatureStore, StoreWriter
+from d3n.train.pca import PCADecoder, PCAEncoder
+from d3n.train.resvae import ResVAE, ResVAEDecoder, ResVAEEncoder
 
 COMPRESSOR = "compressor.pt"
 METHODS = ("resvae", "pca")
@@ -28,8 +29,6 @@ METHODS = ("resvae", "pca")
 
 def save_compressor(run_dir: str | os.PathLike, method: str, levels: dict[str, dict[str, Any]],
                     source_repo: str) -> Path:
-    from d3n.artifacts import save_with
-
     blob = {"method": method, "source_repo": source_repo, "levels": levels}
     return save_with(Path(run_dir) / COMPRESSOR, lambda p: torch.save(blob, p))
 
@@ -149,16 +148,14 @@ def reconstruction_metrics(store: FeatureStore, codecs: dict[str, tuple[nn.Modul
 def compress_run(repo: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.PathLike,
                  method: str | None = None, batch: int = 32, progress: bool = True) -> dict[str, Any]:
     """`d3n repo compress`: the compressed repository plus its config, metrics and manifest."""
-    from d3n.train.featstore import INDEX
-
-    from d3n.artifacts import CONFIG, METRICS, Manifest, write_json, write_yaml
-
     found = compressor_method(run_dir)
     if method is not None and method != found:
         raise ArtifactError(f"{Path(run_dir) / COMPRESSOR}: is a '{found}' compressor, not '{method}'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {"repo": str(repo), "compressor": str(run_dir), "method": found, "batch": batch}
+    if is_complete(out, config=config):
+        return read_json(out / METRICS)
     write_yaml(out / CONFIG, config)
     manifest = Manifest(out, "repo-compress", inputs={"repo": Path(repo) / INDEX,
                                                       "compressor": Path(run_dir) / COMPRESSOR}, config=config)

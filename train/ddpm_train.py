@@ -14,13 +14,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from d3n.train.ddpm import T_STEPS, WEIGHTS, build_scheduler, build_unet, load_images, unet_config
 from tqdm import tqdm
 
 from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, save_with, write_json, write_yaml
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ArtifactError, ConfigError
+from d3n.train.ddpm import T_STEPS, WEIGHTS, build_scheduler, build_unet, load_images, unet_config
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -66,7 +66,8 @@ class StoreWriter:
 
     def _plan(self) -> dict[str, Any]:
         return {"kind": self.kind, "levels": self.levels, "timesteps": self.timesteps,
-                "image_ids": self.image_ids, "shapes": self.shapes, "shard_size": self.shard_size}
+                "image_ids": self.image_ids, "shapes": self.shapes, "shard_size": self.shard_size,
+                "meta": self.meta}
 
     def _check_plan(self) -> None:
         """A resumed build must be the same build: refuse to mix shards from a different plan."""
@@ -74,8 +75,8 @@ class StoreWriter:
         plan = json.loads(json.dumps(self._plan()))
         if plan_path.exists():
             if read_json(plan_path) != plan:
-                raise ArtifactError(f"{plan_path}: an unfinished build with different images, levels, "
-                                    "timesteps or shard size is in this folder; use a new --out")
+                raise ArtifactError(f"{plan_path}: an unfinished build with different inputs (images, levels, "
+                                    "timesteps, shard size or source model) is in this folder; use a new --out")
         else:
             write_json(plan_path, plan)
 
@@ -105,7 +106,7 @@ class StoreWriter:
         if missing:
             raise ArtifactError(f"{self.root}: shards {missing} not written")
         shards = [read_json(self.root / shard_record(k)) for k in range(len(self.ranges))]
-        index = {**self._plan(), "dtype": np.dtype(DTYPE).name, "shards": shards, "meta": self.meta}
+        index = {**self._plan(), "dtype": np.dtype(DTYPE).name, "shards": shards}
         return write_json(self.root / INDEX, index)
 
 

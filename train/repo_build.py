@@ -12,15 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from d3n.train.ddpm import DDPM, load_images
-from d3n.train.featstore import INDEX, FeatureStore, StoreWriter
-from d3n.train.features import DecoderFeatures
 from tqdm import tqdm
 
-from d3n.artifacts import CONFIG, METRICS, Manifest, write_json, write_yaml
+from d3n.artifacts import (
+    CONFIG,
+    METRICS,
+    Manifest,
+    is_complete,
+    read_json,
+    sha256_file,
+    write_json,
+    write_yaml,
+)
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ConfigError
+from d3n.train.ddpm import DDPM, WEIGHTS, load_images
+from d3n.train.featstore import INDEX, FeatureStore, StoreWriter
+from d3n.train.features import DecoderFeatures
 
 DEFAULT_TIMESTEPS = (100, 150, 250)  # paper §III-B
 
@@ -46,7 +55,11 @@ def parse_timesteps(text: str) -> list[int]:
 
 def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     out = Path(out)
+    weights = Path(cfg.ddpm) / WEIGHTS
     data = DatasetLayout.open(cfg.data)
+    if weights.exists() and is_complete(out, inputs={"ddpm": weights, "data_yaml": data.yaml_path},
+                                        config=cfg.model_dump()):
+        return read_json(out / METRICS)
     paths = data.images(cfg.split)
     if not paths:
         raise ConfigError(f"{data.yaml_path}: split '{cfg.split}' has no images")
@@ -54,9 +67,9 @@ def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> 
     extractor = DecoderFeatures(ddpm.unet, ddpm.scheduler, ddpm.size)
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(out / CONFIG, cfg.model_dump())
-    manifest = Manifest(out, "repo", inputs={"ddpm": Path(cfg.ddpm) / "ddpm.pt", "data_yaml": data.yaml_path},
+    manifest = Manifest(out, "repo", inputs={"ddpm": weights, "data_yaml": data.yaml_path},
                         config=cfg.model_dump())
-    meta = {"ddpm_size": ddpm.size, "ddpm_run": str(Path(cfg.ddpm).resolve()),
+    meta = {"ddpm_size": ddpm.size, "ddpm_run": str(Path(cfg.ddpm).resolve()), "ddpm_sha256": sha256_file(weights),
             "data_yaml": str(data.yaml_path.resolve()), "split": cfg.split, "hooks": extractor.hooks,
             "compressor": None}
     ids = [p.stem for p in paths]

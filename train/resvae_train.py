@@ -14,15 +14,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, write_json, write_yaml
+from d3n.config import StrictModel
+from d3n.errors import ArtifactError, ConfigError
 from d3n.train.compress import COMPRESSOR, reconstruction_metrics, save_compressor
 from d3n.train.featstore import INDEX, FeatureStore
 from d3n.train.pca import PCADecoder, PCAEncoder, fit_pca
 from d3n.train.resvae import ResVAE, ResVAEDecoder, ResVAEEncoder
-from tqdm import tqdm
-
-from d3n.artifacts import CONFIG, METRICS, Manifest, write_json, write_yaml
-from d3n.config import StrictModel
-from d3n.errors import ArtifactError, ConfigError
 
 
 class CompressorTrainConfig(StrictModel):
@@ -109,6 +109,8 @@ def _pca_codec(p: dict[str, np.ndarray]):
 
 def train_compressor(cfg: CompressorTrainConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     out = Path(out)
+    if is_complete(out, config=cfg.model_dump()):
+        return read_json(out / METRICS)
     store = FeatureStore.open(cfg.repo)
     if store.kind != "raw":
         raise ArtifactError(f"{cfg.repo}: is a '{store.kind}' repository; fit on a raw one")
