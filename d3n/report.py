@@ -17,11 +17,13 @@ def _load(path: Path) -> dict | None:
 
 def collect(out: Path) -> dict:
     models = {name: m for name, stage in MODELS if (m := _load(out / stage / METRICS))}
+    from d3n.pipeline import STAGES
+
     stages = {}
-    for d in sorted(p for p in out.iterdir() if p.is_dir()):
-        man = _load(d / MANIFEST)
+    for name in STAGES:
+        man = _load(out / name / MANIFEST)
         if man:
-            stages[d.name] = man.get("seconds")
+            stages[name] = man.get("seconds")
     return {"models": models, "stage_seconds": stages}
 
 
