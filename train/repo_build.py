@@ -94,5 +94,11 @@ def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> 
                "shards_built_this_run": len(pending), "bytes": store.nbytes(), "disk_bytes": store.disk_bytes(),
                "shapes": {lv: store.shape(lv) for lv in store.levels}, "hooks": extractor.hooks}
     write_json(out / METRICS, metrics)
-    manifest.complete(outputs=[INDEX, METRICS])
+    _complete_with_levels(manifest, extractor.hooks)
     return metrics
+
+
+def _complete_with_levels(manifest: Manifest, hooks: dict[str, str]) -> None:
+    """Complete the manifest, recording which UNet hook each level came from."""
+    path = manifest.complete(outputs=[INDEX, METRICS])
+    write_json(path, {**read_json(path), "levels": hooks})

@@ -1,5 +1,6 @@
 """Feature repository: level sizes, deterministic builds, resume after a kill, corrupt shards."""
 
+import json
 import os
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def test_build_contract_and_determinism(setup, tmp_path):
         for lv in a.levels:
             assert fa[lv].dtype == np.float16 and isinstance(fa[lv].base, np.memmap | np.ndarray)
             assert np.array_equal(fa[lv], fb[lv])
-    assert (tmp_path / "a" / "manifest.json").exists()
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["levels"] == a.meta["hooks"]
 
 
 def test_val_split_builds_from_same_ddpm(setup, tmp_path):
