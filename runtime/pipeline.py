@@ -187,21 +187,23 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
         raise ConfigError(f"--max-fps must be > 0 (got {max_fps})")
     stats = stats or Stats()
     stop_event = stop_event or threading.Event()
-    backend = model if isinstance(model, Backend) else open_backend(model, device)
-    class_ids = resolve_class_conf(class_conf, list(backend.sidecar.names))
-    roi_mask = RoiMask.load(roi) if isinstance(roi, (str, Path)) else roi
-    src = source if isinstance(source, Source) else Source(
-        source, stats, max_reconnects=max_reconnects, backoff=backoff)
-    src.stats = stats
-    sink_objs = [s if isinstance(s, Sink) else parse_sink(s, fps=video_fps) for s in sinks]
-    sink_set = SinkSet(sink_objs, stats)
-    server = None
-    if warmup:
-        backend.warmup(warmup)
-    runner = _Runner(backend, src, sink_set, stats, conf=conf, iou=iou, max_det=max_det,
-                     class_conf=class_ids, roi=roi_mask, max_fps=max_fps, max_frames=max_frames,
-                     stop_event=stop_event, on_result=on_result)
+    owns_backend = not isinstance(model, Backend)
+    backend = open_backend(model, device) if owns_backend else model
+    sink_set = SinkSet([], stats)
+    src = server = runner = None
     try:
+        class_ids = resolve_class_conf(class_conf, list(backend.sidecar.names))
+        roi_mask = RoiMask.load(roi) if isinstance(roi, (str, Path)) else roi
+        src = source if isinstance(source, Source) else Source(
+            source, stats, max_reconnects=max_reconnects, backoff=backoff)
+        src.stats = stats
+        for s in sinks:  # opened one by one so that a failure closes the ones already open
+            sink_set.sinks.append(s if isinstance(s, Sink) else parse_sink(s, fps=video_fps))
+        if warmup:
+            backend.warmup(warmup)
+        runner = _Runner(backend, src, sink_set, stats, conf=conf, iou=iou, max_det=max_det,
+                         class_conf=class_ids, roi=roi_mask, max_fps=max_fps, max_frames=max_frames,
+                         stop_event=stop_event, on_result=on_result)
         if metrics_port is not None:
             server = MetricsServer(stats, metrics_host, metrics_port,
                                    state=lambda: "stopping" if stop_event.is_set() else "running").start()
@@ -228,12 +230,16 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
         elif max_frames is not None and stats.counters["frames"] >= max_frames:
             runner.stopped_by = "max frames"
     finally:
-        src.stop()
-        runner.abort.set()
-        src.join(timeout=10)
+        if runner is not None:
+            runner.abort.set()  # unblocks any stage still waiting on a queue
+        if src is not None:
+            src.stop()
+            src.join(timeout=10)
         sink_set.close()
         if server is not None:
             server.stop()
+        if owns_backend:
+            backend.close()
     if runner.errors:
         raise runner.errors[0]
     out = stats.summary()

@@ -173,7 +173,8 @@ class Source:
             self._cond.notify_all()
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     # consumer side
     def get(self, timeout: float = 0.5) -> Frame | None | bool:

@@ -48,6 +48,7 @@ class _Cuda:
     def __init__(self):
         self.rt = _import_cudart()
         self.stream = self.check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
+        self.stream_handle = int(self.stream)  # TensorRT wants the raw cudaStream_t as an int
 
     def check(self, result, what: str):
         err, *rest = result if isinstance(result, tuple) else (result,)
@@ -125,7 +126,7 @@ class TensorRTBackend(Backend):
             ptr = self._alloc(host.nbytes)
             self.context.set_tensor_address(name, ptr)
             self._outputs.append((host, ptr))
-        self._execute = lambda: self.context.execute_async_v3(self.cuda.stream)
+        self._execute = lambda: self.context.execute_async_v3(self.cuda.stream_handle)
 
     # TensorRT 8.x before the tensor API: binding indices.
     def _setup_bindings_api(self) -> None:
@@ -148,7 +149,7 @@ class TensorRTBackend(Backend):
             host = np.empty(tuple(self.context.get_binding_shape(i)), dtype=trt.nptype(eng.get_binding_dtype(i)))
             bindings[i] = self._alloc(host.nbytes)
             self._outputs.append((host, bindings[i]))
-        self._execute = lambda: self.context.execute_async_v2(bindings, self.cuda.stream)
+        self._execute = lambda: self.context.execute_async_v2(bindings, self.cuda.stream_handle)
 
     def _alloc(self, nbytes: int) -> int:
         ptr = self.cuda.malloc(nbytes)
@@ -168,3 +169,5 @@ class TensorRTBackend(Backend):
         for ptr in self._buffers:
             self.cuda.free(ptr)
         self._buffers.clear()
+        self.context = None
+        self.engine = None

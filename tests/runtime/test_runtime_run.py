@@ -218,3 +218,15 @@ def test_metrics_and_health_scraped_while_running(tiny_onnx, tmp_path):
 def test_duration_and_max_fps_stop_a_run(tiny_onnx, image_dir):
     stats = run_pipeline(tiny_onnx, f"{image_dir}/*.jpg", max_fps=2, duration=1.0, warmup=0)
     assert stats["stopped_by"] == "duration" and 1 <= stats["frames"] < 8
+
+
+def test_metrics_port_in_use_is_a_clear_error(tiny_onnx, image_dir, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        rc, err = run(capsys, "--model", tiny_onnx, "--source", image_dir, "--metrics-port", port,
+                      "--sink", f"jsonl:{tmp_path}/x.jsonl")
+    assert rc == 1 and f"--metrics-port {port}: cannot listen on 127.0.0.1:{port}" in err
