@@ -119,19 +119,27 @@ def rolled_in_scale(size: int, cx: float, cy: float, s: float, rng: np.random.Ge
 
 
 def scratches(size: int, cx: float, cy: float, s: float, rng: np.random.Generator) -> Drawn:
-    """One long thin line, gently curved, bright (metal exposed) or dark."""
+    """One or two long thin lines, gently curved, bright (metal exposed) or dark.
+
+    They cross the rolling direction (within ~60 deg of vertical), as NEU-DET's mostly do; a
+    scratch lying along the horizontal streaks would be hard to tell from the texture.
+    """
     img, draw = _canvas(size)
-    half = _px(rng.uniform(35, 95), s, 10)
-    angle = rng.uniform(0, math.pi)
+    half = _px(rng.uniform(40, 100), s, 10)
+    angle = math.pi / 2 + float(np.clip(rng.normal(0, 0.5), -1.05, 1.05))
     dx, dy = half * math.cos(angle), half * math.sin(angle)
+    normal = np.array([-math.sin(angle), math.cos(angle)])
     bend = rng.normal(0, half * 0.12)  # quadratic Bezier control offset, normal to the line
-    p0, p2 = np.array([cx - dx, cy - dy]), np.array([cx + dx, cy + dy])
-    p1 = np.array([cx, cy]) + bend * np.array([-math.sin(angle), math.cos(angle)])
+    width = int(round(_px(rng.uniform(2.0, 3.5), s, 1.0)))
     t = np.linspace(0, 1, 32)[:, None]
-    pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
-    width = int(round(_px(rng.uniform(1.2, 2.8), s, 1.0)))
-    draw.line([tuple(p) for p in pts], fill=255, width=width)
-    delta = rng.uniform(55, 80) if rng.random() < 0.6 else -rng.uniform(55, 80)
+    offsets = [0.0] if rng.random() < 0.7 else [0.0, rng.choice([-1, 1]) * _px(rng.uniform(5, 10), s, 3)]
+    for off in offsets:
+        c = np.array([cx, cy]) + off * normal
+        p0, p2 = c - (dx, dy), c + (dx, dy)
+        p1 = c + bend * normal
+        pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
+        draw.line([tuple(p) for p in pts], fill=255, width=width)
+    delta = rng.uniform(65, 90) if rng.random() < 0.6 else -rng.uniform(65, 90)
     return _mask(img), delta
 
 
