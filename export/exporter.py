@@ -160,7 +160,8 @@ def _export_int8(opts: ExportOptions, ckpt, out: Path, tmp: Path, extra: dict) -
     """FP32 ONNX beside the INT8 one (with its own sidecar), quantize, score both on DATA's val."""
     from d3n.export.int8 import quantize
 
-    fp32 = out.with_name(out.name.replace(".int8.onnx", ".onnx"))
+    base = out.name[: -len(".int8.onnx")] if out.name.endswith(".int8.onnx") else f"{out.stem}.fp32"
+    fp32 = out.with_name(f"{base}.onnx")
     fp32_extra = {"versions": extra["versions"], "opset": 17}
     _onnx_fp32(opts, ckpt, fp32, fp32_extra)
     fp32_opts = ExportOptions(**{**asdict(opts), "format": "onnx", "nms": False,
