@@ -11,7 +11,7 @@ from d3n.export.exporter import ExportOptions, export_model
 from d3n.export.nms_graph import NMSSettings
 from d3n.export.parity import nms_numpy
 
-S = NMSSettings(conf=0.001, iou=0.5, max_det=40)
+S = NMSSettings(conf=0.2, iou=0.5, max_det=40)
 
 
 def _raw_head(rng, nc=3, n=400, size=128.0):
@@ -19,7 +19,7 @@ def _raw_head(rng, nc=3, n=400, size=128.0):
     wh = rng.uniform(4, 40, (2, n))
     # clusters of overlapping boxes so NMS has work to do
     xy[:, n // 2:] = xy[:, : n - n // 2] + rng.normal(0, 2, (2, n - n // 2))
-    return np.concatenate([xy, wh, rng.uniform(0, 0.01, (nc, n))]).astype(np.float32)
+    return np.concatenate([xy, wh, rng.uniform(0, 0.5, (nc, n))]).astype(np.float32)
 
 
 def test_numpy_nms_matches_ultralytics():
@@ -80,3 +80,42 @@ def test_nms_with_dynamic_batch_is_refused(tiny_ckpt, tmp_path):
 
     with pytest.raises(D3NError, match="batch-1"):
         export_model(ExportOptions(model=tiny_ckpt, nms=True, dynamic=True, out=tmp_path))
+
+
+def test_matching_tells_threshold_flips_from_real_differences():
+    from d3n.export.parity import match_detections
+
+    s = NMSSettings(conf=0.25, iou=0.7, max_det=10)
+    a = np.array([[0, 0, 10, 10, 0.9, 0], [50, 50, 60, 60, 0.8, 1]], np.float32)
+    same = match_detections(a, a.copy(), s, band=1e-4)
+    assert (same.matched, same.flips, same.unmatched) == (2, 0, 0)
+    # the second side also keeps a box overlapping the first at IoU ~0.7: an NMS decision flip
+    flip = np.concatenate([a, [[0, 0, 10, 14.3, 0.85, 0]]]).astype(np.float32)
+    m = match_detections(a, flip, s, band=1e-4)
+    assert (m.matched, m.flips, m.unmatched) == (2, 1, 0)
+    # a confident box far from everything on one side only: a real difference
+    extra = np.concatenate([a, [[100, 100, 120, 120, 0.9, 2]]]).astype(np.float32)
+    assert match_detections(a, extra, s, band=1e-4).unmatched == 1
+    # a different class for the same box is not a match either
+    other = a.copy()
+    other[1, 5] = 3
+    assert match_detections(a, other, s, band=1e-4).unmatched == 2
+
+
+def test_max_det_cut_and_score_ties_are_flips():
+    from d3n.export.parity import match_detections
+
+    s = NMSSettings(conf=0.25, iou=0.7, max_det=2)
+    a = np.array([[0, 0, 10, 10, 0.9, 0], [50, 50, 60, 60, 0.5, 1]], np.float32)
+    b = np.array([[0, 0, 10, 10, 0.9, 0], [80, 80, 90, 90, 0.5, 1]], np.float32)  # tie at the cut
+    assert match_detections(a, b, s, band=1e-4).unmatched == 0
+    b[1, 4] = 0.6  # b's second box outranks the cut: it has no counterpart in a
+    m = match_detections(a, b, s, band=1e-4)
+    assert (m.flips, m.unmatched) == (1, 1)  # a's 0.5 box fell below b's cut; b's 0.6 box is real
+    s = NMSSettings(conf=0.25, iou=0.5, max_det=10)
+    a = np.array([[0, 0, 10, 10, 1.0, 0]], np.float32)
+    b = np.array([[0, 0, 10, 11, 1.0, 0]], np.float32)  # tied scores: NMS kept the other box
+    m = match_detections(a, b, s, band=1e-4)
+    assert (m.matched, m.flips, m.unmatched) == (0, 2, 0)
+    b[0, 4] = 0.8  # not a tie: one box really replaced the other
+    assert match_detections(a, b, s, band=1e-4).unmatched == 2

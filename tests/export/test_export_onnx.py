@@ -17,9 +17,7 @@ from d3n.errors import ArtifactError
 @pytest.fixture(scope="module")
 def exported(tiny_ckpt, synth_small, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    # conf 0.001: the untrained model's scores are small; this leaves detections to compare
-    rc = main(["export", str(tiny_ckpt), "--imgsz", "128", "--calib", str(synth_small), "--conf", "0.001",
-               "--out", str(out)])
+    rc = main(["export", str(tiny_ckpt), "--imgsz", "128", "--calib", str(synth_small), "--out", str(out)])
     assert rc == 0
     return out
 
@@ -28,9 +26,11 @@ def test_parity_with_torch(exported):
     parity = json.loads(exported.with_suffix(".json").read_text())["extra"]["parity"]
     assert parity["passed"] is True
     assert parity["images"] == 8
-    assert parity["max_abs_diff_box"] < 1e-2 and parity["max_abs_diff_score"] < 1e-4
-    assert parity["detections_ref"] > 0
-    assert parity["detections_matched"] == parity["detections_ref"] == parity["detections_test"]
+    assert parity["max_rel_diff_box"] < 1e-3 and parity["max_abs_diff_score"] < 1e-3
+    assert parity["detections_ref"] > 20 and parity["detections_unmatched"] == 0
+    # one-sided detections are rare rounding flips at a threshold, not model differences
+    assert parity["detections_flipped"] <= 0.05 * parity["detections_ref"]
+    assert parity["detections_matched"] + parity["detections_flipped"] >= parity["detections_ref"]
     assert parity["min_match_iou"] > 0.99
 
 
@@ -75,10 +75,10 @@ def test_parity_check_catches_a_different_model(exported, tiny_ckpt):
 
     model = load_checkpoint(tiny_ckpt).torch_model()
     with torch.no_grad():
-        model.model[-1].cv3[0][-1].bias.add_(8.0)  # class logits of the stride-8 level (untrained: about -10)
+        model.model[-1].cv3[0][-1].bias.add_(2.0)  # class logits of the stride-8 level
     inputs = list(batches(synthetic_images(2), (128, 128)))
     with pytest.raises(ArtifactError, match="does not match its checkpoint"):
-        check_parity(model, exported, inputs, "fp32", NMSSettings(conf=0.001))
+        check_parity(model, exported, inputs, "fp32", NMSSettings())
 
 
 def test_cli_errors_are_clear(tmp_path, tiny_ckpt, capsys):
