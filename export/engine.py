@@ -133,7 +133,7 @@ def _calibrator(trt, inputs: list[np.ndarray], cache: Path):
 
 
 def build_engine(onnx_path: Path, out: Path, precision: str, workspace_gb: float, dynamic: bool,
-                 max_batch: int, calib_inputs: list[np.ndarray] | None = None) -> dict:
+                 max_batch: int, imgsz: tuple[int, int], calib_inputs: list[np.ndarray] | None = None) -> dict:
     """Parse `onnx_path` and write a plain serialized engine to `out`; returns build info."""
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -147,12 +147,12 @@ def build_engine(onnx_path: Path, out: Path, precision: str, workspace_gb: float
         raise D3NError(f"{onnx_path}: TensorRT cannot parse it ({errors})")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
+    if precision in ("fp16", "int8") and getattr(builder, "platform_has_fast_fp16", True):
         config.set_flag(trt.BuilderFlag.FP16)  # INT8 engines keep non-quantized layers in FP16
     profile = None
     if dynamic:
         inp = network.get_input(0)
-        _, c, h, w = inp.shape
+        c, (h, w) = 3, imgsz  # ultralytics' dynamic ONNX leaves batch, height and width open
         profile = builder.create_optimization_profile()
         profile.set_shape(inp.name, (1, c, h, w), (max(1, max_batch // 2), c, h, w), (max_batch, c, h, w))
         config.add_optimization_profile(profile)

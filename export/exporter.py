@@ -236,6 +236,6 @@ def _export_engine(opts: ExportOptions, out: Path) -> ExportResult:
             src = append_trt_nms(src, Path(tmp) / "nms.onnx", opts.nms_settings)
             extra["nms"] = {"kind": "EfficientNMS_TRT", **asdict(opts.nms_settings)}
         extra["build"] = build_engine(src, out, precision, opts.workspace, opts.dynamic, opts.max_batch,
-                                      calib_inputs)
+                                      tuple(opts.imgsz), calib_inputs)
     path = _save_sidecar(opts, info, out, precision, extra)
     return ExportResult(out, path, extra)

@@ -5,7 +5,8 @@ Both run on the same letterboxed frames. Reported: the max difference of the raw
 match (same classes, IoU > 0.99 pair by pair). A detection present on one side only counts as a
 threshold flip, not a mismatch, when rounding explains it: a score within a few times the
 measured score difference of the confidence threshold (or of the max_det cut), an overlap within
-0.01 of the NMS IoU threshold, a tie in NMS order, or suppression by another such flip. Out of tolerance -> ArtifactError.
+0.01 of the NMS IoU threshold, a tie in NMS order or in the choice of class, or suppression by
+another such flip. Out of tolerance -> ArtifactError.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9)
 
 
-def nms_numpy(raw: np.ndarray, s: NMSSettings) -> np.ndarray:
-    """ultralytics' non_max_suppression on one raw head output (4 + nc, N) -> (k, 6) xyxy, score, cls."""
+def nms_numpy(raw: np.ndarray, s: NMSSettings, return_index: bool = False):
+    """ultralytics' non_max_suppression on one raw head output (4 + nc, N) -> (k, 6) xyxy, score, cls
+    (and the anchor index of each row when return_index)."""
     pred = raw.T.astype(np.float32)
     cls = pred[:, 4:]
     label = cls.argmax(1)
@@ -53,7 +55,8 @@ def nms_numpy(raw: np.ndarray, s: NMSSettings) -> np.ndarray:
         chosen.append(i)
         rest = order[1:]
         order = rest[iou_matrix(shifted[i:i + 1], shifted[rest])[0] <= s.iou]
-    return np.concatenate([boxes, score[:, None], label[:, None]], 1)[chosen].reshape(-1, 6)
+    rows = np.concatenate([boxes, score[:, None], label[:, None]], 1)[chosen].reshape(-1, 6)
+    return (rows, np.where(keep)[0][chosen]) if return_index else rows
 
 
 @dataclass
@@ -100,24 +103,34 @@ def _borderline(a: np.ndarray, lone_a: set, b: np.ndarray, lone_b: set, s: NMSSe
     return ok_a, ok_b
 
 
-def match_detections(ref: np.ndarray, test: np.ndarray, s: NMSSettings, band: float) -> DetectionMatch:
+def match_detections(ref: np.ndarray, test: np.ndarray, s: NMSSettings, band: float,
+                     box_px: float = 0.0, class_margin: np.ndarray | None = None) -> DetectionMatch:
+    """Pair detections of the same class with IoU > 0.99, or, for boxes of a few pixels where
+    IoU is that sensitive, with every coordinate within `box_px` (the raw-output tolerance).
+    class_margin: per ref row, its best minus second-best class score; a pair whose classes differ
+    where that margin is within `band` is a tie in the class choice (a flip)."""
     m = DetectionMatch(n_ref=len(ref), n_test=len(test))
     used = np.zeros(len(test), bool)
     ious = iou_matrix(ref[:, :4], test[:, :4]) if len(ref) and len(test) else np.zeros((len(ref), len(test)))
     lone_ref = set()
     for i, r in enumerate(ref):
-        cand = np.where(~used & (test[:, 5] == r[5]) & (ious[i] > MATCH_IOU))[0] if len(test) else []
+        close = (ious[i] > MATCH_IOU) | (np.abs(test[:, :4] - r[:4]).max(1) <= box_px) if len(test) else []
+        cand = np.where(~used & (test[:, 5] == r[5]) & close)[0] if len(test) else []
         if len(cand):
             j = cand[np.argmax(ious[i, cand])]
             used[j] = True
             m.matched += 1
             m.min_iou = min(m.min_iou, float(ious[i, j]))
+        elif class_margin is not None and class_margin[i] <= band and len(test) and (
+                tie := np.where(~used & close & (np.abs(test[:, 4] - r[4]) <= band))[0]).size:
+            used[tie[0]] = True
+            m.flips += 1
         else:
             lone_ref.add(i)
     lone_test = set(np.where(~used)[0].tolist())
     ok_ref, ok_test = _borderline(ref, lone_ref, test, lone_test, s, band)
-    m.flips = len(ok_ref) + len(ok_test)
-    m.unmatched = len(lone_ref) + len(lone_test) - m.flips
+    m.flips += len(ok_ref) + len(ok_test)
+    m.unmatched = len(lone_ref) + len(lone_test) - len(ok_ref) - len(ok_test)
     return m
 
 
@@ -186,7 +199,13 @@ def compare(ref: list[np.ndarray], test: list[np.ndarray], precision: str, s: NM
     total = DetectionMatch()
     for r, t in zip(ref, test, strict=True):
         det_t = t[t[:, 4] > 0] if test_is_nms else nms_numpy(t, s)
-        m = match_detections(nms_numpy(r, s), det_t, s, band)
+        box_px = tol_box * max(1.0, float(np.abs(r[:4]).max()))
+        det_r, idx = nms_numpy(r, s, return_index=True)
+        margin = np.full(len(idx), np.inf)  # one class: no class choice to tie
+        if r.shape[0] > 5:
+            top2 = np.sort(r[4:, idx], axis=0)[-2:]
+            margin = top2[1] - top2[0]
+        m = match_detections(det_r, det_t, s, band, box_px, margin)
         for k in ("n_ref", "n_test", "matched", "flips", "unmatched"):
             setattr(total, k, getattr(total, k) + getattr(m, k))
         total.min_iou = min(total.min_iou, m.min_iou)

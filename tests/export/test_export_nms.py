@@ -119,3 +119,24 @@ def test_max_det_cut_and_score_ties_are_flips():
     assert (m.matched, m.flips, m.unmatched) == (0, 2, 0)
     b[0, 4] = 0.8  # not a tie: one box really replaced the other
     assert match_detections(a, b, s, band=1e-4).unmatched == 2
+
+
+def test_class_choice_tie_is_a_flip_only_when_tied():
+    from d3n.export.parity import match_detections
+
+    s = NMSSettings()
+    a = np.array([[0, 0, 10, 10, 1.0, 2]], np.float32)
+    b = np.array([[0, 0, 10, 10, 1.0, 4]], np.float32)
+    tied = match_detections(a, b, s, band=1e-4, class_margin=np.array([0.0]))
+    assert (tied.matched, tied.flips, tied.unmatched) == (0, 1, 0)
+    clear = match_detections(a, b, s, band=1e-4, class_margin=np.array([0.3]))
+    assert clear.unmatched == 2
+
+
+def test_compare_single_class_model():
+    from d3n.export.parity import compare
+
+    rng = np.random.default_rng(1)
+    raw = _raw_head(rng, nc=1)
+    rep = compare([raw], [raw.copy()], "fp32", NMSSettings(conf=0.005, iou=0.5))
+    assert rep.passed and rep.detections_ref > 1 and rep.detections_matched == rep.detections_ref

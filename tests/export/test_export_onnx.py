@@ -92,3 +92,17 @@ def test_cli_errors_are_clear(tmp_path, tiny_ckpt, capsys):
     assert "junk.pt: not a loadable ultralytics checkpoint" in capsys.readouterr().err
     assert main(["export", str(tiny_ckpt), "--calib", str(tmp_path / "nodata"), "--out", str(tmp_path)]) == 1
     assert "no data.yaml" in capsys.readouterr().err
+
+
+def test_dynamic_batch_export(tiny_ckpt, tmp_path):
+    import onnxruntime as ort
+
+    from d3n.export.exporter import ExportOptions, export_model
+
+    res = export_model(ExportOptions(model=tiny_ckpt, imgsz=(128, 128), dynamic=True, parity_images=2,
+                                     out=tmp_path / "dyn.onnx"))
+    sc = sidecar.load(res.model)
+    assert sc.batch == "dynamic" and sc.output.shape[0] == "dynamic"
+    assert res.extra["parity"]["passed"]
+    out = ort.InferenceSession(str(res.model)).run(None, {"images": np.zeros((3, 3, 128, 128), np.float32)})[0]
+    assert out.shape == (3, *sc.output.shape[1:])
