@@ -50,6 +50,8 @@ def hardware() -> dict:
         fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
         info["cpu"] = fields.get("Model name", "?").strip()
         info["cores"] = fields.get("CPU(s)", "?").strip()
+        flags = fields.get("Flags", "").split()
+        info["int8_vnni"] = any(f in flags for f in ("avx512_vnni", "avx_vnni"))  # INT8 speed-up depends on it
     except (OSError, subprocess.SubprocessError):
         info["cpu"], info["cores"] = platform.processor() or "?", "?"
     from d3n.export.cudart import device_count
