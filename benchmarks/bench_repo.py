@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -29,7 +28,12 @@ MODES = ("onthefly", "raw", "compressed")
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """Peak RSS of this process image. VmHWM, not ru_maxrss: Linux carries ru_maxrss across
+    fork+exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM (peak RSS needs Linux)")
 
 
 def serve(mode: str, out: Path, items: int, batch: int, threads: int) -> dict:
