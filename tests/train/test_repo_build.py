@@ -46,6 +46,12 @@ def test_levels_match_p3_p4_p5_strides(size):
     assert feats["p4"].shape == (2, 3, 64, size // 2, size // 2)
 
 
+def test_paper_preset_levels_reach_512_channels():
+    unet = build_unet(unet_config("paper", 32)).eval()
+    ext = features.DecoderFeatures(unet, build_scheduler(), 32)
+    assert ext.shapes() == {"p3": (128, 32, 32), "p4": (256, 16, 16), "p5": (512, 8, 8)}
+
+
 def test_noise_is_seeded_per_image_and_timestep():
     a = features.seeded_noise(["x", "y"], 100, (3, 4, 4))
     b = features.seeded_noise(["y"], 100, (3, 4, 4))
