@@ -28,6 +28,10 @@ from d3n.errors import ConfigError
 log = logging.getLogger(__name__)
 
 STAGES = ("data", "ddpm", "repo", "resvae", "compress", "baseline", "teacher", "distill", "export")
+# the stages whose artifacts each stage reads
+READS = {"data": (), "ddpm": ("data",), "repo": ("ddpm", "data"), "resvae": ("repo",), "compress": ("repo", "resvae"),
+         "baseline": ("data",), "teacher": ("data", "compress"), "distill": ("data", "compress", "teacher"),
+         "export": ("distill", "data")}
 STATE = ".pipeline.json"
 
 
@@ -120,9 +124,9 @@ class Pipeline:
         blob = json.dumps({"stage": stage, "spec": spec, "upstream": upstream}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def _run_stage(self, stage: str, spec: dict, reads: tuple[str, ...], body: Callable[[Path], None]) -> None:
+    def _run_stage(self, stage: str, spec: dict, body: Callable[[Path], None]) -> None:
         d = self.dir(stage)
-        key = self._key(stage, spec, reads)
+        key = self._key(stage, spec, READS[stage])
         state_file = d / STATE
         state = read_json(state_file) if state_file.exists() else {}
         if state.get("key") == key and (d / MANIFEST).exists():
@@ -150,11 +154,14 @@ class Pipeline:
         if unknown:
             raise ConfigError(f"unknown stages {unknown}; choose from {list(STAGES)}")
         self.out.mkdir(parents=True, exist_ok=True)
+        for stage in wanted:
+            for dep in READS[stage]:
+                if dep not in wanted and not (self.dir(dep) / MANIFEST).exists():
+                    raise ConfigError(f"stage '{stage}' needs '{dep}', which has not run in {self.out}; "
+                                      "include it in --stages")
         for stage in STAGES:
             if stage in wanted:
                 getattr(self, f"stage_{stage}")()
-            elif not (self.dir(stage) / MANIFEST).exists() and any(s in wanted for s in STAGES[STAGES.index(stage):]):
-                raise ConfigError(f"stage '{stage}' has not run in {self.out}; include it in --stages")
         from d3n.report import write_report
 
         report = write_report(self.out, self.timings, self.status)
@@ -185,7 +192,7 @@ class Pipeline:
                                seed=dd.seed, skip_bad=dd.skip_bad)
             man.complete(["dataset/data.yaml"])
 
-        self._run_stage("data", spec, (), body)
+        self._run_stage("data", spec, body)
 
     @property
     def data_dir(self) -> Path:
@@ -197,7 +204,7 @@ class Pipeline:
         s = self.cfg.ddpm
         dcfg = DDPMTrainConfig(data=str(self.data_dir), preset=s.preset, size=s.size, steps=s.steps, epochs=s.epochs,
                                batch=s.batch, lr=s.lr, ema=s.ema, seed=self._seed())
-        self._run_stage("ddpm", dcfg.model_dump(mode="json"), ("data",), lambda d: train_ddpm(dcfg, d))
+        self._run_stage("ddpm", dcfg.model_dump(mode="json"), lambda d: train_ddpm(dcfg, d))
 
     def stage_repo(self) -> None:
         from d3n.artifacts import Manifest
@@ -212,7 +219,7 @@ class Pipeline:
                     build_repo(rcfg, d / split)
             man.complete([f"{s}/{MANIFEST}" for s in ("train", "val")])
 
-        self._run_stage("repo", {"timesteps": self.cfg.ddpm.timesteps}, ("ddpm", "data"), body)
+        self._run_stage("repo", {"timesteps": self.cfg.ddpm.timesteps}, body)
 
     def stage_resvae(self) -> None:
         from d3n.train.resvae_train import CompressorTrainConfig, train_compressor
@@ -222,7 +229,7 @@ class Pipeline:
         ccfg = CompressorTrainConfig(repo=str(self.dir("repo") / "train"), method=c.method,
                                      latent_channels=c.latent_channels, epochs=c.epochs, steps=c.steps,
                                      batch=c.batch, seed=self._seed())
-        self._run_stage("resvae", ccfg.model_dump(mode="json"), ("repo",), lambda d: train_compressor(ccfg, d))
+        self._run_stage("resvae", ccfg.model_dump(mode="json"), lambda d: train_compressor(ccfg, d))
 
     def stage_compress(self) -> None:
         from d3n.artifacts import Manifest
@@ -235,7 +242,7 @@ class Pipeline:
                     compress_run(self.dir("repo") / split, self.dir("resvae"), d / split)
             man.complete([f"{s}/{MANIFEST}" for s in ("train", "val")])
 
-        self._run_stage("compress", {"method": self.cfg.compress.method}, ("repo", "resvae"), body)
+        self._run_stage("compress", {"method": self.cfg.compress.method}, body)
 
     def _train_cfg(self):
         from d3n.train.loop import TrainConfig
@@ -250,7 +257,7 @@ class Pipeline:
 
         tcfg = self._train_cfg()
         spec = tcfg.model_dump(mode="json")
-        self._run_stage("baseline", spec, ("data",), lambda d: baseline.run(
+        self._run_stage("baseline", spec, lambda d: baseline.run(
             baseline.BaselineConfig(data=self.data_dir, out=d, train=tcfg)))
 
     def stage_teacher(self) -> None:
@@ -261,7 +268,7 @@ class Pipeline:
         fusion = FusionConfig(**self.cfg.teacher.get("fusion", {}))
         spec = {"train": tcfg.model_dump(mode="json"), "fusion": fusion.model_dump(mode="json")}
         comp = self.dir("compress")
-        self._run_stage("teacher", spec, ("data", "compress"), lambda d: teacher.run(teacher.TeacherStageConfig(
+        self._run_stage("teacher", spec, lambda d: teacher.run(teacher.TeacherStageConfig(
             data=self.data_dir, repo=comp / "train", val_repo=comp / "val", out=d, fusion=fusion, train=tcfg)))
 
     def stage_distill(self) -> None:
@@ -271,7 +278,7 @@ class Pipeline:
         tcfg = self._train_cfg()
         dcfg = DistillConfig(**self.cfg.distill)
         spec = {"train": tcfg.model_dump(mode="json"), "distill": dcfg.model_dump(mode="json")}
-        self._run_stage("distill", spec, ("data", "compress", "teacher"), lambda d: trainer.run(
+        self._run_stage("distill", spec, lambda d: trainer.run(
             trainer.DistillStageConfig(teacher=self.dir("teacher") / "best.pt", data=self.data_dir,
                                        repo=self.dir("compress") / "train", out=d, distill=dcfg, train=tcfg)))
 
@@ -296,4 +303,4 @@ class Pipeline:
                 outputs += [name, name.replace(".onnx", ".json")]
             man.complete(outputs)
 
-        self._run_stage("export", spec, ("distill",), body)
+        self._run_stage("export", spec, body)

@@ -1,0 +1,126 @@
+"""`d3n pipeline`: the whole chain at micro scale, skipping finished stages, resuming a killed one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from d3n.cli import main
+from d3n.pipeline import STAGES, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MICRO = {
+    "data": {"synth": {"images": 20, "size": 96, "seed": 0}},
+    "ddpm": {"preset": "tiny", "size": 16, "steps": 3, "batch": 4},
+    "compress": {"method": "resvae", "steps": 3, "batch": 16},
+    "train": {"imgsz": 96, "epochs": 1, "batch": 8, "workers": 0},
+    "export": {"formats": ["onnx"]},
+}
+
+
+@pytest.fixture(scope="session")
+def micro_pipeline(tmp_path_factory):
+    """The full chain once per session; later tests read its run folders."""
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = root / "micro.yaml"
+    cfg.write_text(yaml.safe_dump({**MICRO, "out": str(root / "run")}))
+    assert main(["pipeline", str(cfg)]) == 0
+    return cfg, root / "run"
+
+
+def test_every_stage_writes_a_complete_run_folder(micro_pipeline):
+    _, out = micro_pipeline
+    for stage in STAGES:
+        man = json.loads((out / stage / "manifest.json").read_text())
+        assert man["complete"] is True, stage
+    report = (out / "report.md").read_text()
+    assert "| mAP50 |" in report and "baseline" in report and "student" in report
+    assert (out / "report.png").exists()
+    teacher = json.loads((out / "teacher" / "metrics.json").read_text())
+    assert set(teacher["branch_weights"]) == {"p3", "p4", "p5"}
+    assert (out / "teacher" / "branch_weights.png").exists()
+
+
+def test_student_is_a_plain_ultralytics_yolov5s_without_teacher_weights(micro_pipeline):
+    from d3n.offline import ultralytics
+
+    _, out = micro_pipeline
+    student = json.loads((out / "distill" / "metrics.json").read_text())
+    baseline = json.loads((out / "baseline" / "metrics.json").read_text())
+    assert student["params"] == baseline["params"] and student["gflops"] == baseline["gflops"]
+    assert student["same_params_and_flops_as_baseline"] is True
+    ckpt = torch.load(out / "distill" / "best.pt", weights_only=False)
+    keys = list(ckpt["model"].state_dict())
+    assert not any("fusion" in k for k in keys)
+    assert type(ckpt["model"]).__name__ == "DetectionModel"
+    yolo = ultralytics().YOLO(str(out / "distill" / "best.pt"))
+    img = next((out / "data" / "dataset" / "images" / "val").iterdir())
+    assert len(yolo.predict(str(img), imgsz=96, verbose=False)) == 1
+    sidecar = json.loads((out / "export" / "student.json").read_text())
+    assert sidecar["imgsz"] == [96, 96]
+
+
+def test_rerun_skips_finished_stages(micro_pipeline, capsys):
+    cfg, out = micro_pipeline
+    before = {s: (out / s / "manifest.json").stat().st_mtime_ns for s in STAGES}
+    assert main(["pipeline", str(cfg)]) == 0
+    after = {s: (out / s / "manifest.json").stat().st_mtime_ns for s in STAGES}
+    assert before == after
+    status = json.loads((out / "report.json").read_text())["status"]
+    assert all(v.startswith("skipped") for v in status.values()), status
+
+
+def test_killed_stage_resumes_and_changed_config_reruns(micro_pipeline, tmp_path, monkeypatch):
+    """Kill the baseline after its training, before its manifest: the rerun resumes, not restarts."""
+    from d3n.pipeline import Pipeline
+    from d3n.train import baseline
+
+    cfg_path, _ = micro_pipeline
+    data = yaml.safe_load(cfg_path.read_text())
+    data["out"] = str(tmp_path / "run")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    stages = ["data", "baseline"]
+
+    real_finish = baseline.finish
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(baseline, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(load_config(path)).run(stages)
+    assert (tmp_path / "run" / "baseline" / "last_state.pt").exists()
+    assert not (tmp_path / "run" / "baseline" / "manifest.json").exists()
+
+    monkeypatch.setattr(baseline, "finish", real_finish)
+    p = Pipeline(load_config(path))
+    p.run(stages)
+    assert p.status == {"data": "skipped (up to date)", "baseline": "resumed"}
+    history = (tmp_path / "run" / "baseline" / "results.csv").read_text().strip().splitlines()
+    assert len(history) == 2  # header + the one epoch trained before the kill, not retrained
+
+    data["train"]["seed"] = 1  # a changed config starts the stage afresh
+    path.write_text(yaml.safe_dump(data))
+    p = Pipeline(load_config(path))
+    p.run(stages)
+    assert p.status["baseline"] == "ran"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "neu-det.yaml", "neu-det-cpu.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.train["imgsz"] % 32 == 0
+
+
+def test_bad_config_names_file_and_field(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"synth": {"images": 4}}, "train": {"epochs": "many"}}))
+    assert main(["pipeline", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "epochs" in err
