@@ -48,7 +48,6 @@ def evaluate(predict: Callable[[dict], torch.Tensor], loader, names: list[str], 
     from d3n.offline import configure_ultralytics
 
     configure_ultralytics()
-    from ultralytics.utils.metrics import ap_per_class
     from ultralytics.utils.nms import non_max_suppression
 
     stats = {"tp": [], "conf": [], "pred_cls": [], "target_cls": []}

@@ -34,11 +34,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from d3n.train.freqfilter import FreqFilter, FreqFilterConfig
 from pydantic import Field, model_validator
 from torch import nn
 
 from d3n.config import StrictModel
+from d3n.train.freqfilter import FreqFilter, FreqFilterConfig
 
 BRANCHES = ("cross", "det", "ddpm")  # order of branch_weights(): cross-attn, self-attn on X, on D
 

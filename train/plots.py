@@ -20,10 +20,10 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> Path:
     plt = _plt()
     keys = [k for k in history[0] if k not in ("epoch", "seconds", "lr")] if history else []
     fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3 * max(len(keys), 1), 2.8), squeeze=False)
-    for ax, k in zip(axes[0], keys):
+    for ax, k in zip(axes[0], keys, strict=False):
         pts = [(r["epoch"], r[k]) for r in history if k in r and r[k] is not None]
         if pts:
-            ax.plot(*zip(*pts), marker=".")
+            ax.plot(*zip(*pts, strict=True), marker=".")
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
     fig.suptitle(title)

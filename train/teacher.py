@@ -71,7 +71,7 @@ def run(cfg: TeacherStageConfig) -> dict:
 
     def log_branches(m, epoch):
         return {f"w_{lv}_{name}": w for lv, ws in m.branch_weights().items()
-                for name, w in zip(("cross", "det", "ddpm"), ws)}
+                for name, w in zip(("cross", "det", "ddpm"), ws, strict=True)}
 
     with manifest.timed("train"):
         best = train(task, cfg.train, layout.root, out, list(layout.names), on_epoch=log_branches)
@@ -112,7 +112,7 @@ def plot_branch_weights(history: list[dict], path: Path) -> Path | None:
 
     levels = sorted({k.split("_")[1] for k in keys})
     fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 2.8), squeeze=False)
-    for ax, lv in zip(axes[0], levels):
+    for ax, lv in zip(axes[0], levels, strict=True):
         for name in ("cross", "det", "ddpm"):
             k = f"w_{lv}_{name}"
             if k in history[0]:

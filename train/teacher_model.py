@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from d3n.train.fusion import CrossFusion, FusionConfig
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -30,6 +29,7 @@ from d3n.artifacts import save_with
 from d3n.config import StrictModel
 from d3n.errors import ArtifactError, ConfigError
 from d3n.offline import ultralytics
+from d3n.train.fusion import CrossFusion, FusionConfig
 
 LEVELS = ("p3", "p4", "p5")
 CHECKPOINT_FORMAT = "d3n-fusion-teacher/1"

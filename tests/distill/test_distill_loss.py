@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from d3n.distill.loss import DistillConfig, DistillLoss, head_outputs
 
+from d3n.distill.loss import DistillConfig, DistillLoss, head_outputs
 from d3n.offline import ultralytics
 
 B, NC, N, REG = 2, 3, 10, 16

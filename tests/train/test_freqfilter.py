@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+
 from d3n.train.freqfilter import FreqFilter, FreqFilterConfig
 
 
