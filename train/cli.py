@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--out", type=Path, required=True)
     tr.add_argument("--config", type=Path, help="YAML with train settings (TrainConfig keys)")
     tr.add_argument("--fusion", help="fusion mode: dynamic (paper), concat, sum, weighted_sum")
+    tr.add_argument("--fusion-off", default="", metavar="PARTS",
+                    help=f"comma-separated fusion parts to switch off, for the paper's Tables I and III: "
+                         f"{', '.join(FUSION_SWITCHES)}")
     add_train_args(tr)
     tr.set_defaults(func=_teacher)
     t.set_defaults(func=lambda a: t.print_help() or 2)
@@ -41,6 +44,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--split", default="val")
     v.add_argument("--json", type=Path, help="write the metrics here")
     v.set_defaults(func=_val)
+
+
+# --fusion-off names -> FusionConfig fields (paper Tables I and III ablations)
+FUSION_SWITCHES = {"filter": "use_filter", "cross": "use_cross", "self_x": "use_self_x", "self_d": "use_self_d",
+                   "learn_weights": "learn_weights", "residual": "residual", "norm": "norm"}
+
+
+def fusion_overrides(mode: str | None, off: str) -> dict:
+    """The FusionConfig fields set by `--fusion` and `--fusion-off`."""
+    from d3n.errors import ConfigError
+
+    parts = [p.strip() for p in off.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in FUSION_SWITCHES]
+    if unknown:
+        raise ConfigError(f"--fusion-off: unknown part(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(FUSION_SWITCHES)}")
+    over = {FUSION_SWITCHES[p]: False for p in parts}
+    return {"mode": mode, **over} if mode else over
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -80,7 +101,7 @@ def _teacher(args) -> int:
     from d3n.train.loop import TrainConfig
 
     tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
-    fusion = validate(FusionConfig, {"mode": args.fusion} if args.fusion else {}, "--fusion")
+    fusion = validate(FusionConfig, fusion_overrides(args.fusion, args.fusion_off), "--fusion/--fusion-off")
     cfg = teacher.TeacherStageConfig(data=args.data, repo=args.repo, val_repo=args.val_repo, out=args.out,
                                      resvae=args.resvae, fusion=fusion, train=tcfg)
     m = teacher.run(cfg)
