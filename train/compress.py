@@ -4,13 +4,16 @@ A compressor run folder holds `compressor.pt`: the method and, per level, the hy
 and weights. `load_decoder(run)` gives the frozen per-level "feature mapping" of paper Fig. 5
 (latents -> DDPM features) that the teacher applies to each loaded batch; `load_encoder(run)`
 the matching features -> latents map used to write a compressed repository.
+
+Compressors are saved from CPU tensors and loaded with map_location="cpu", then moved to the
+requested device; `--device` of `d3n repo compress` is not part of the output's identity.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -18,13 +21,25 @@ from torch import nn
 from tqdm import tqdm
 
 from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, save_with, write_json, write_yaml
+from d3n.config import StrictModel, validate
 from d3n.errors import ArtifactError
+from d3n.train.ddpm import Device, resolve_device
 from d3n.train.featstore import INDEX, FeatureStore, StoreWriter
 from d3n.train.pca import PCADecoder, PCAEncoder
 from d3n.train.resvae import ResVAE, ResVAEDecoder, ResVAEEncoder
 
 COMPRESSOR = "compressor.pt"
 METHODS = ("resvae", "pca")
+
+
+class RepoCompressConfig(StrictModel):
+    """`d3n repo compress` options."""
+
+    repo: str  # raw repository (any split)
+    compressor: str  # compressor run folder (`--resvae`)
+    method: Literal["resvae", "pca"] | None = None  # assert the compressor's method
+    batch: int = 32
+    device: Device = "cpu"  # cpu, cuda, cuda:N or auto; not part of the output's identity
 
 
 def save_compressor(run_dir: str | os.PathLike, method: str, levels: dict[str, dict[str, Any]],
@@ -55,11 +70,16 @@ def _build(method: str, entry: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
     return ResVAEEncoder(vae), ResVAEDecoder(vae)
 
 
-def _frozen(m: nn.Module, device: str) -> nn.Module:
+def module_device(m: nn.Module) -> torch.device:
+    p = next(m.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _frozen(m: nn.Module, device: str | torch.device) -> nn.Module:
     return m.to(device).eval().requires_grad_(False)
 
 
-def load_codecs(run_dir: str | os.PathLike, device: str = "cpu") -> dict[str, tuple[nn.Module, nn.Module]]:
+def load_codecs(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, tuple[nn.Module, nn.Module]]:
     blob = read_compressor(run_dir)
     out = {}
     for lv, entry in blob["levels"].items():
@@ -68,12 +88,12 @@ def load_codecs(run_dir: str | os.PathLike, device: str = "cpu") -> dict[str, tu
     return out
 
 
-def load_decoder(run_dir: str | os.PathLike, device: str = "cpu") -> dict[str, nn.Module]:
+def load_decoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
     """{level: frozen module} mapping latents (N, c, H, W) -> features (N, C, H, W)."""
     return {lv: dec for lv, (_, dec) in load_codecs(run_dir, device).items()}
 
 
-def load_encoder(run_dir: str | os.PathLike, device: str = "cpu") -> dict[str, nn.Module]:
+def load_encoder(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
     """{level: frozen module} mapping features (N, C, H, W) -> latents (N, c, H, W)."""
     return {lv: enc for lv, (enc, _) in load_codecs(run_dir, device).items()}
 
@@ -87,28 +107,30 @@ def _encode_maps(enc: nn.Module, maps: np.ndarray, batch: int) -> np.ndarray:
     """(n, T, C, H, W) float16 -> (n, T, c, H, W) float16, `batch` maps at a time."""
     n, t = maps.shape[:2]
     flat = maps.reshape(n * t, *maps.shape[2:])
-    out = [enc(torch.from_numpy(np.asarray(flat[i:i + batch], np.float32))).numpy()
+    dev = module_device(enc)
+    out = [enc(torch.from_numpy(np.asarray(flat[i:i + batch], np.float32)).to(dev)).cpu().numpy()
            for i in range(0, len(flat), batch)]
     z = np.concatenate(out)
     return z.reshape(n, t, *z.shape[1:]).astype(np.float16)
 
 
 def compress_repo(repo: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.PathLike,
-                  batch: int = 32, progress: bool = True) -> FeatureStore:
+                  batch: int = 32, progress: bool = True, device: str = "cpu") -> FeatureStore:
     """Write the latents of every item of `repo` into a repository at `out` (same format and
     shards; resumes at the first unfinished shard)."""
     src = FeatureStore.open(repo)
     if src.kind != "raw":
         raise ArtifactError(f"{repo}: is a '{src.kind}' repository; compress a raw one")
     method = compressor_method(run_dir)
-    enc = load_encoder(run_dir)
+    dev = resolve_device(device)
+    enc = load_encoder(run_dir, dev)
     if set(enc) != set(src.levels):
         raise ArtifactError(f"{Path(run_dir) / COMPRESSOR}: levels {sorted(enc)} do not match "
                             f"repository {repo} levels {src.levels}")
     shapes = {}
     for lv in src.levels:
         _, ch, h, w = src.shape(lv)
-        probe = enc[lv](torch.zeros(1, ch, h, w))
+        probe = enc[lv](torch.zeros(1, ch, h, w, device=dev))
         shapes[lv] = tuple(probe.shape[1:])
     meta = {**src.meta, "source_repo": str(Path(repo).resolve()),
             "compressor": str(Path(run_dir).resolve()), "method": method}
@@ -135,7 +157,7 @@ def reconstruction_metrics(store: FeatureStore, codecs: dict[str, tuple[nn.Modul
         cos_sum, n_maps, err, ref = 0.0, 0, 0.0, 0.0
         for i in range(0, len(ids), batch):
             x = np.concatenate([store.get(iid)[lv] for iid in ids[i:i + batch]])
-            x = torch.from_numpy(np.asarray(x, np.float32))
+            x = torch.from_numpy(np.asarray(x, np.float32)).to(module_device(enc))
             y = dec(enc(x))
             cos_sum += float(torch.nn.functional.cosine_similarity(y.flatten(1), x.flatten(1), dim=1).sum())
             n_maps += x.shape[0]
@@ -146,26 +168,36 @@ def reconstruction_metrics(store: FeatureStore, codecs: dict[str, tuple[nn.Modul
 
 
 def compress_run(repo: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.PathLike,
-                 method: str | None = None, batch: int = 32, progress: bool = True) -> dict[str, Any]:
+                 method: str | None = None, batch: int = 32, progress: bool = True,
+                 device: str = "cpu") -> dict[str, Any]:
     """`d3n repo compress`: the compressed repository plus its config, metrics and manifest."""
+    cfg = validate(RepoCompressConfig, {"repo": str(repo), "compressor": str(run_dir), "method": method,
+                                        "batch": batch, "device": device}, "d3n repo compress")
+    return compress_with(cfg, out, progress)
+
+
+def compress_with(cfg: RepoCompressConfig, out: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    repo, run_dir, batch = cfg.repo, cfg.compressor, cfg.batch
     found = compressor_method(run_dir)
-    if method is not None and method != found:
-        raise ArtifactError(f"{Path(run_dir) / COMPRESSOR}: is a '{found}' compressor, not '{method}'")
+    if cfg.method is not None and cfg.method != found:
+        raise ArtifactError(f"{Path(run_dir) / COMPRESSOR}: is a '{found}' compressor, not '{cfg.method}'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"repo": str(repo), "compressor": str(run_dir), "method": found, "batch": batch}
+    # the output's identity: no device (a GPU-compressed repository is the same artifact)
+    config = {"repo": repo, "compressor": run_dir, "method": found, "batch": batch}
     if is_complete(out, config=config):
         return read_json(out / METRICS)
-    write_yaml(out / CONFIG, config)
+    dev = str(resolve_device(cfg.device))
+    write_yaml(out / CONFIG, {**config, "device": cfg.device})
     manifest = Manifest(out, "repo-compress", inputs={"repo": Path(repo) / INDEX,
                                                       "compressor": Path(run_dir) / COMPRESSOR}, config=config)
     with manifest.timed("compress"):
-        store = compress_repo(repo, run_dir, out, batch=batch, progress=progress)
+        store = compress_repo(repo, run_dir, out, batch=batch, progress=progress, device=dev)
     raw = FeatureStore.open(repo, verify=False)
     metrics = {"method": found, "images": len(store), "raw_bytes": raw.nbytes(), "compressed_bytes": store.nbytes(),
                "ratio": store.nbytes() / raw.nbytes(), "raw_disk_bytes": raw.disk_bytes(),
                "compressed_disk_bytes": store.disk_bytes(), "disk_ratio": store.disk_bytes() / raw.disk_bytes(),
-               "shapes": {lv: store.shape(lv) for lv in store.levels}}
+               "shapes": {lv: store.shape(lv) for lv in store.levels}, "device": dev}
     write_json(out / METRICS, metrics)
     manifest.complete(outputs=[INDEX, METRICS, CONFIG])
     return metrics

@@ -3,7 +3,12 @@
 Epsilon-prediction MSE at uniformly drawn timesteps, Adam with cosine annealing, optional EMA of
 the weights. Every `ckpt_every` steps the complete state is saved (model, optimizer, LR
 schedule, EMA, noise RNG, loss history); the data order is a pure function of (seed, epoch), so
-a killed run resumed from its checkpoint continues bit-exactly.
+a killed run resumed from its checkpoint continues bit-exactly (on the same device).
+
+With `--device cuda` the model, optimizer and EMA live on the GPU, but the noise and timesteps
+are still drawn from a CPU generator (one random stream whatever the device) and checkpoints are
+saved from CPU copies, so they load anywhere. The device is not part of the run's identity: a
+run started on CPU can be resumed on GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +25,18 @@ from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, sav
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ArtifactError, ConfigError
-from d3n.train.ddpm import T_STEPS, WEIGHTS, build_scheduler, build_unet, load_images, unet_config
+from d3n.train.ddpm import (
+    T_STEPS,
+    WEIGHTS,
+    Device,
+    build_scheduler,
+    build_unet,
+    identity,
+    load_images,
+    resolve_device,
+    to_cpu,
+    unet_config,
+)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -38,6 +54,7 @@ class DDPMTrainConfig(StrictModel):
     ema: float = 0.999  # EMA decay of the weights; 0 disables
     ckpt_every: int = 50
     seed: int = 0
+    device: Device = "cpu"  # cpu, cuda, cuda:N or auto; not part of the run's identity
 
 
 def total_steps(cfg: DDPMTrainConfig, n_images: int) -> int:
@@ -59,10 +76,13 @@ def batch_indices(step: int, n_images: int, batch: int, seed: int) -> torch.Tens
 
 
 class Trainer:
-    def __init__(self, cfg: DDPMTrainConfig, images: torch.Tensor, total: int):
+    def __init__(self, cfg: DDPMTrainConfig, images: torch.Tensor, total: int,
+                 device: torch.device | str = "cpu"):
         torch.manual_seed(cfg.seed)
         self.cfg, self.images, self.total = cfg, images, total
-        self.unet = build_unet(unet_config(cfg.preset, cfg.size))
+        self.device = torch.device(device)
+        # initialised on the CPU (same weights for a given seed on any device), then moved
+        self.unet = build_unet(unet_config(cfg.preset, cfg.size)).to(self.device)
         self.scheduler = build_scheduler()
         self.opt = torch.optim.Adam(self.unet.parameters(), lr=cfg.lr)
         self.lrs = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total, eta_min=cfg.lr_min)
@@ -74,8 +94,10 @@ class Trainer:
     def train_step(self) -> float:
         idx = batch_indices(self.step, len(self.images), self.cfg.batch, self.cfg.seed)
         x0 = self.images[idx]
+        # drawn on the CPU generator (checkpointed), then moved: the same stream on any device
         noise = torch.randn(x0.shape, generator=self.gen)
         t = torch.randint(0, T_STEPS, (x0.shape[0],), generator=self.gen)
+        x0, noise, t = x0.to(self.device), noise.to(self.device), t.to(self.device)
         xt = self.scheduler.add_noise(x0, noise, t)
         loss = F.mse_loss(self.unet(xt, t).sample, noise)
         self.opt.zero_grad(set_to_none=True)
@@ -94,20 +116,20 @@ class Trainer:
         return self.losses[-1]
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "model": self.unet.state_dict(), "opt": self.opt.state_dict(),
-                "lrs": self.lrs.state_dict(), "ema": self.ema, "gen": self.gen.get_state(),
-                "losses": self.losses, "config": self.cfg.model_dump()}
+        return {"step": self.step, "model": to_cpu(self.unet.state_dict()), "opt": to_cpu(self.opt.state_dict()),
+                "lrs": self.lrs.state_dict(), "ema": to_cpu(self.ema), "gen": self.gen.get_state(),
+                "losses": self.losses, "config": identity(self.cfg)}
 
     def load_state(self, s: dict[str, Any]) -> None:
         self.unet.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["opt"])
+        self.opt.load_state_dict(s["opt"])  # moves the moments to the parameters' device
         self.lrs.load_state_dict(s["lrs"])
-        self.ema = s["ema"]
+        self.ema = None if s["ema"] is None else {k: v.to(self.device) for k, v in s["ema"].items()}
         self.gen.set_state(s["gen"])
         self.step, self.losses = int(s["step"]), list(s["losses"])
 
     def final_weights(self) -> dict[str, torch.Tensor]:
-        return self.ema if self.ema is not None else self.unet.state_dict()
+        return to_cpu(self.ema if self.ema is not None else self.unet.state_dict())
 
 
 def _resume(trainer: Trainer, path: Path) -> None:
@@ -115,7 +137,7 @@ def _resume(trainer: Trainer, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a bad file
         raise ArtifactError(f"{path}: cannot load checkpoint ({exc}); delete it to start over") from None
-    if state["config"] != trainer.cfg.model_dump():
+    if state["config"] != identity(trainer.cfg):
         raise ArtifactError(f"{path}: checkpoint was made with a different config; use a new --out "
                             "or the same options")
     trainer.load_state(state)
@@ -124,17 +146,18 @@ def _resume(trainer: Trainer, path: Path) -> None:
 def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     out = Path(out)
     data = DatasetLayout.open(cfg.data)
-    if is_complete(out, config=cfg.model_dump()):
+    if is_complete(out, config=identity(cfg)):
         return read_json(out / METRICS)
+    device = resolve_device(cfg.device)
     paths = data.images(cfg.split)
     if not paths:
         raise ConfigError(f"{data.yaml_path}: split '{cfg.split}' has no images")
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(out / CONFIG, cfg.model_dump())
-    manifest = Manifest(out, "ddpm", inputs={"data_yaml": data.yaml_path}, config=cfg.model_dump())
+    manifest = Manifest(out, "ddpm", inputs={"data_yaml": data.yaml_path}, config=identity(cfg))
     images = load_images(paths, cfg.size)
     total = total_steps(cfg, len(paths))
-    trainer = Trainer(cfg, images, total)
+    trainer = Trainer(cfg, images, total, device)
     if (out / CHECKPOINT).exists():
         _resume(trainer, out / CHECKPOINT)
     with manifest.timed("train"), tqdm(total=total, initial=trainer.step, desc="ddpm train",
@@ -152,7 +175,7 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, progress: bool = True) -> 
     metrics = {"steps": trainer.step, "images": len(paths),
                "params": sum(p.numel() for p in trainer.unet.parameters()),
                "loss_first": trainer.losses[0], "loss_last50_mean": sum(tail) / len(tail),
-               "loss_curve": trainer.losses[:: max(1, math.ceil(len(trainer.losses) / 200))]}
+               "device": str(device), "loss_curve": trainer.losses[:: max(1, math.ceil(len(trainer.losses) / 200))]}
     write_json(out / METRICS, metrics)
     manifest.complete(outputs=[WEIGHTS, METRICS, CONFIG])
     return metrics

@@ -26,6 +26,7 @@ def noise_seed(image_id: str, t: int) -> int:
 
 
 def seeded_noise(image_ids: list[str], t: int, shape: tuple[int, ...]) -> torch.Tensor:
+    # CPU generators on purpose: the same noise whatever device the UNet runs on (moved by the caller)
     gens = [torch.Generator().manual_seed(noise_seed(i, t)) for i in image_ids]
     return torch.stack([torch.randn(shape, generator=g) for g in gens])
 

@@ -4,6 +4,10 @@ Each image is noised to x_t for every t in `timesteps` (default {100, 150, 250},
 and the DDPM decoder's p3/p4/p5 maps are stored as float16 shards. Only the train split's
 repository is used to fit the compressor; the val split is built the same way, from the same
 DDPM, for evaluating the teacher. A killed build resumes at the first unfinished shard.
+
+`--device` only says where the UNet runs: the seeded noise is drawn on the CPU and moved, and the
+device stays out of the repository's index and identity, so a build (or a resumed one) on GPU
+makes the same artifact as one on CPU, up to floating-point rounding of the UNet itself.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from d3n.artifacts import (
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ConfigError
-from d3n.train.ddpm import DDPM, WEIGHTS, load_images
+from d3n.train.ddpm import DDPM, WEIGHTS, Device, identity, load_images, resolve_device
 from d3n.train.featstore import INDEX, FeatureStore, StoreWriter
 from d3n.train.features import DecoderFeatures
 
@@ -41,6 +45,7 @@ class RepoBuildConfig(StrictModel):
     timesteps: list[int] = list(DEFAULT_TIMESTEPS)
     shard_size: int = 64  # images per shard
     batch: int = 8
+    device: Device = "cpu"  # cpu, cuda, cuda:N or auto; not part of the repository's identity
 
 
 def parse_timesteps(text: str) -> list[int]:
@@ -58,17 +63,18 @@ def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> 
     weights = Path(cfg.ddpm) / WEIGHTS
     data = DatasetLayout.open(cfg.data)
     if weights.exists() and is_complete(out, inputs={"ddpm": weights, "data_yaml": data.yaml_path},
-                                        config=cfg.model_dump()):
+                                        config=identity(cfg)):
         return read_json(out / METRICS)
     paths = data.images(cfg.split)
     if not paths:
         raise ConfigError(f"{data.yaml_path}: split '{cfg.split}' has no images")
-    ddpm = DDPM.load(cfg.ddpm)
+    device = resolve_device(cfg.device)
+    ddpm = DDPM.load(cfg.ddpm, device)
     extractor = DecoderFeatures(ddpm.unet, ddpm.scheduler, ddpm.size)
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(out / CONFIG, cfg.model_dump())
     manifest = Manifest(out, "repo", inputs={"ddpm": weights, "data_yaml": data.yaml_path},
-                        config=cfg.model_dump())
+                        config=identity(cfg))
     meta = {"ddpm_size": ddpm.size, "ddpm_run": str(Path(cfg.ddpm).resolve()), "ddpm_sha256": sha256_file(weights),
             "data_yaml": str(data.yaml_path.resolve()), "split": cfg.split, "hooks": extractor.hooks,
             "compressor": None}
@@ -92,7 +98,8 @@ def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> 
     store = FeatureStore.open(out)
     metrics = {"images": len(ids), "timesteps": cfg.timesteps, "shards": len(writer.ranges),
                "shards_built_this_run": len(pending), "bytes": store.nbytes(), "disk_bytes": store.disk_bytes(),
-               "shapes": {lv: store.shape(lv) for lv in store.levels}, "hooks": extractor.hooks}
+               "shapes": {lv: store.shape(lv) for lv in store.levels}, "hooks": extractor.hooks,
+               "device": str(device)}
     write_json(out / METRICS, metrics)
     _complete_with_levels(manifest, extractor.hooks)
     return metrics

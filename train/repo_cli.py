@@ -9,6 +9,11 @@ import argparse
 import json
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N, or auto (cuda if available, else cpu); default cpu")
+
+
 def _print(metrics: dict) -> None:
     keep = {k: v for k, v in metrics.items() if not k.endswith("_curve") and k != "held_out_images"}
     print(json.dumps(keep, indent=2, default=str)[:4000])
@@ -19,7 +24,7 @@ def _ddpm_train(args: argparse.Namespace) -> int:
     from d3n.train.ddpm_train import DDPMTrainConfig, train_ddpm
 
     fields = ("data", "preset", "size", "split", "steps", "epochs", "batch", "lr", "lr_min", "ema",
-              "ckpt_every", "seed")
+              "ckpt_every", "seed", "device")
     cfg = validate(DDPMTrainConfig, {k: getattr(args, k) for k in fields if getattr(args, k) is not None},
                    "d3n ddpm train")
     _print(train_ddpm(cfg, args.out))
@@ -31,15 +36,18 @@ def _repo_build(args: argparse.Namespace) -> int:
     from d3n.train.repo_build import RepoBuildConfig, build_repo, parse_timesteps
 
     data = {"ddpm": args.ddpm, "data": args.data, "split": args.split, "timesteps": parse_timesteps(args.timesteps),
-            "shard_size": args.shard_size, "batch": args.batch}
+            "shard_size": args.shard_size, "batch": args.batch, "device": args.device}
     _print(build_repo(validate(RepoBuildConfig, data, "d3n repo build"), args.out))
     return 0
 
 
 def _repo_compress(args: argparse.Namespace) -> int:
-    from d3n.train.compress import compress_run
+    from d3n.config import validate
+    from d3n.train.compress import RepoCompressConfig, compress_with
 
-    _print(compress_run(args.repo, args.resvae, args.out, method=args.method, batch=args.batch))
+    data = {"repo": args.repo, "compressor": args.resvae, "method": args.method, "batch": args.batch,
+            "device": args.device}
+    _print(compress_with(validate(RepoCompressConfig, data, "d3n repo compress"), args.out))
     return 0
 
 
@@ -48,7 +56,7 @@ def _resvae_train(args: argparse.Namespace) -> int:
     from d3n.train.resvae_train import CompressorTrainConfig, train_compressor
 
     fields = ("repo", "method", "latent_channels", "epochs", "steps", "batch", "lr", "kl_weight", "hidden",
-              "blocks", "holdout", "seed")
+              "blocks", "holdout", "seed", "device")
     cfg = validate(CompressorTrainConfig, {k: getattr(args, k) for k in fields if getattr(args, k) is not None},
                    "d3n resvae train")
     if args.no_pca_init:
@@ -73,6 +81,7 @@ def _ddpm_parser(sub) -> None:
     t.add_argument("--ema", type=float, help="EMA decay, 0 disables (default 0.999)")
     t.add_argument("--ckpt-every", dest="ckpt_every", type=int)
     t.add_argument("--seed", type=int)
+    _add_device(t)
     t.set_defaults(func=_ddpm_train)
 
 
@@ -86,6 +95,7 @@ def _repo_parser(sub) -> None:
     b.add_argument("--split", default="train")
     b.add_argument("--shard-size", dest="shard_size", type=int, default=64)
     b.add_argument("--batch", type=int, default=8)
+    _add_device(b)
     b.set_defaults(func=_repo_build)
     c = p.add_parser("compress", help="write a repository's latents with a fitted compressor")
     c.add_argument("--repo", required=True, help="raw repository (any split)")
@@ -93,6 +103,7 @@ def _repo_parser(sub) -> None:
     c.add_argument("--out", required=True)
     c.add_argument("--method", choices=("resvae", "pca"), help="assert the compressor's method")
     c.add_argument("--batch", type=int, default=32)
+    _add_device(c)
     c.set_defaults(func=_repo_compress)
 
 
@@ -114,6 +125,7 @@ def _resvae_parser(sub) -> None:
     t.add_argument("--holdout", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--no-pca-init", dest="no_pca_init", action="store_true")
+    _add_device(t)
     t.set_defaults(func=_resvae_train)
 
 

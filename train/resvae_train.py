@@ -4,6 +4,10 @@
 `--method pca` fits PCA to the same latent size (the Table III ablation). Items are single
 (image, timestep) maps read at random from the memory-mapped repository. A fixed fraction of the
 repository's images is held out of the fit and used to report reconstruction fidelity.
+
+With `--device cuda` the ResVAE trains on the GPU (PCA moments stay in float64 NumPy on the CPU);
+it is initialised on the CPU and saved from CPU tensors, and the device is not part of the run's
+identity.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, wri
 from d3n.config import StrictModel
 from d3n.errors import ArtifactError, ConfigError
 from d3n.train.compress import COMPRESSOR, reconstruction_metrics, save_compressor
+from d3n.train.ddpm import Device, identity, resolve_device, to_cpu
 from d3n.train.featstore import INDEX, FeatureStore
 from d3n.train.pca import PCADecoder, PCAEncoder, fit_pca
 from d3n.train.resvae import ResVAE, ResVAEDecoder, ResVAEEncoder
@@ -39,6 +44,7 @@ class CompressorTrainConfig(StrictModel):
     pca_init: bool = True  # start the ResVAE's linear paths at PCA
     holdout: float = 0.1  # fraction of images kept out of the fit, for fidelity metrics
     seed: int = 0
+    device: Device = "cpu"  # cpu, cuda, cuda:N or auto; not part of the run's identity
 
 
 def latent_sizes(store: FeatureStore, latent: int | None) -> dict[str, int]:
@@ -73,13 +79,15 @@ def _batch(store: FeatureStore, level: str, items: np.ndarray) -> torch.Tensor:
 
 
 def _train_resvae(store: FeatureStore, level: str, fit_ids: list[int], latent: int,
-                  cfg: CompressorTrainConfig, pca: dict[str, np.ndarray], progress: bool) -> tuple[ResVAE, list[float]]:
+                  cfg: CompressorTrainConfig, pca: dict[str, np.ndarray], progress: bool,
+                  device: torch.device) -> tuple[ResVAE, list[float]]:
     torch.manual_seed(cfg.seed)
     ch = store.shape(level)[1]
-    vae = ResVAE(ch, latent, hidden=cfg.hidden, blocks=cfg.blocks)
+    vae = ResVAE(ch, latent, hidden=cfg.hidden, blocks=cfg.blocks)  # CPU init: same weights on any device
     vae.set_normalisation(torch.from_numpy(pca["mean"]), math.sqrt(max(float(pca["total"]), 1e-12) / ch))
     if cfg.pca_init:
         vae.init_linear(torch.from_numpy(pca["components"]))
+    vae.to(device)
     items = np.array([(i, t) for i in fit_ids for t in range(len(store.timesteps))])
     per_epoch = max(1, len(items) // cfg.batch)
     steps = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
@@ -92,7 +100,7 @@ def _train_resvae(store: FeatureStore, level: str, fit_ids: list[int], latent: i
         pos = step % per_epoch
         if pos == 0 and step:
             order = rng.permutation(len(items))
-        x = _batch(store, level, items[order[pos * cfg.batch:(pos + 1) * cfg.batch]])
+        x = _batch(store, level, items[order[pos * cfg.batch:(pos + 1) * cfg.batch]]).to(device)
         loss, parts = vae.loss(x, cfg.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,15 +110,16 @@ def _train_resvae(store: FeatureStore, level: str, fit_ids: list[int], latent: i
     return vae.eval(), losses
 
 
-def _pca_codec(p: dict[str, np.ndarray]):
+def _pca_codec(p: dict[str, np.ndarray], device: torch.device | str = "cpu"):
     mean, comps = torch.from_numpy(p["mean"]), torch.from_numpy(p["components"])
-    return PCAEncoder(mean, comps).eval(), PCADecoder(mean, comps).eval()
+    return PCAEncoder(mean, comps).to(device).eval(), PCADecoder(mean, comps).to(device).eval()
 
 
 def train_compressor(cfg: CompressorTrainConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     out = Path(out)
-    if is_complete(out, config=cfg.model_dump()):
+    if is_complete(out, config=identity(cfg)):
         return read_json(out / METRICS)
+    device = resolve_device(cfg.device)
     store = FeatureStore.open(cfg.repo)
     if store.kind != "raw":
         raise ArtifactError(f"{cfg.repo}: is a '{store.kind}' repository; fit on a raw one")
@@ -120,16 +129,16 @@ def train_compressor(cfg: CompressorTrainConfig, out: str | Path, progress: bool
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(out / CONFIG, cfg.model_dump())
     manifest = Manifest(out, f"compressor-{cfg.method}", inputs={"repo": Path(cfg.repo) / INDEX},
-                        config=cfg.model_dump())
+                        config=identity(cfg))
     fit_ids, held = split_images(len(store), cfg.holdout, cfg.seed)
     held_ids = [store.image_ids[i] for i in held]
     sizes = latent_sizes(store, cfg.latent_channels)
     levels, metrics = {}, {"method": cfg.method, "fit_images": len(fit_ids), "held_out_images": held_ids,
-                           "latent_channels": sizes, "levels": {}}
+                           "latent_channels": sizes, "device": str(device), "levels": {}}
     for lv in store.levels:
         with manifest.timed(f"fit_{lv}"):
             pca = _fit_pca(store, lv, fit_ids, sizes[lv])
-            pca_fid = reconstruction_metrics(store, {lv: _pca_codec(pca)}, held_ids, levels=[lv])[lv] if held_ids else None
+            pca_fid = reconstruction_metrics(store, {lv: _pca_codec(pca, device)}, held_ids, levels=[lv])[lv] if held_ids else None
             m: dict[str, Any] = {"in_channels": store.shape(lv)[1], "latent_channels": sizes[lv],
                                  "pca_explained": float(pca["explained"].sum() / max(float(pca["total"]), 1e-12))}
             if cfg.method == "pca":
@@ -137,8 +146,8 @@ def train_compressor(cfg: CompressorTrainConfig, out: str | Path, progress: bool
                                                        "components": torch.from_numpy(pca["components"])}}
                 m["held_out"] = pca_fid
             else:
-                vae, losses = _train_resvae(store, lv, fit_ids, sizes[lv], cfg, pca, progress)
-                levels[lv] = {"hparams": vae.hparams, "state": vae.state_dict()}
+                vae, losses = _train_resvae(store, lv, fit_ids, sizes[lv], cfg, pca, progress, device)
+                levels[lv] = {"hparams": vae.hparams, "state": to_cpu(vae.state_dict())}
                 codec = {lv: (ResVAEEncoder(vae), ResVAEDecoder(vae))}
                 m["held_out"] = reconstruction_metrics(store, codec, held_ids, levels=[lv])[lv] if held_ids else None
                 m["held_out_pca"] = pca_fid

@@ -1,5 +1,6 @@
 """DDPM pre-training: a few steps on synthetic images, and a bit-exact resume after a kill."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,59 @@ def test_cli_ddpm_train(data, tmp_path):
     assert rc == 0 and (tmp_path / "r" / "manifest.json").exists()
     assert main(["ddpm", "train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"),
                  "--steps", "1"]) == 1
+
+
+NO_GPU = not torch.cuda.is_available()
+
+
+def test_device_option_is_validated_and_auto_resolves(data):
+    from d3n.config import validate
+    from d3n.errors import ConfigError
+    from d3n.train.ddpm import resolve_device
+
+    for ok in ("cpu", "cuda", "cuda:1", "auto"):
+        assert validate(DDPMTrainConfig, {"data": str(data), "device": ok}).device == ok
+    with pytest.raises(ConfigError, match=r"device: .*expected cpu, cuda, cuda:N or auto.*got 'gpu'"):
+        validate(DDPMTrainConfig, {"data": str(data), "device": "gpu"})
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cpu" if NO_GPU else "cuda")
+    with pytest.raises(ConfigError, match="got 'cuda:x'"):
+        resolve_device("cuda:x")
+
+
+def test_device_is_not_part_of_the_run_identity(data, tmp_path):
+    run = tmp_path / "run"
+    first = train_ddpm(_cfg(data, steps=2), run, progress=False)
+    assert first["device"] == "cpu"
+    ckpt = torch.load(run / CHECKPOINT, weights_only=True)
+    assert "device" not in ckpt["config"]
+    stamp = (run / "manifest.json").stat().st_mtime_ns
+    again = train_ddpm(_cfg(data, steps=2, device="auto"), run, progress=False)  # complete: not retrained
+    assert again == first and (run / "manifest.json").stat().st_mtime_ns == stamp
+    (run / "manifest.json").unlink()  # unfinished run: resumes under another device, no "different config"
+    assert train_ddpm(_cfg(data, steps=2, device="auto"), run, progress=False)["steps"] == 2
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a CUDA device is available here")
+def test_unavailable_cuda_is_a_clear_error(data, tmp_path, capsys):
+    from d3n.cli import main
+    from d3n.errors import D3NError
+
+    with pytest.raises(D3NError, match="device 'cuda:1' is not available"):
+        train_ddpm(_cfg(data, device="cuda:1"), tmp_path / "r", progress=False)
+    rc = main(["ddpm", "train", "--data", str(data), "--out", str(tmp_path / "c"), "--size", "16",
+               "--steps", "1", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "device 'cuda' is not available" in err and "Traceback" not in err
+
+
+def test_cli_ddpm_train_device_auto(data, tmp_path, capsys):
+    from d3n.cli import main
+
+    rc = main(["ddpm", "train", "--data", str(data), "--out", str(tmp_path / "r"), "--size", "16",
+               "--steps", "1", "--batch", "2", "--device", "auto"])
+    assert rc == 0 and json.loads((tmp_path / "r" / "metrics.json").read_text())["device"] == (
+        "cpu" if NO_GPU else "cuda")
+    assert main(["ddpm", "train", "--data", str(data), "--out", str(tmp_path / "x"), "--steps", "1",
+                 "--device", "tpu"]) == 1
+    assert "device: Value error, expected cpu, cuda" in capsys.readouterr().err

@@ -163,3 +163,71 @@ def test_cli_repo_build(setup, tmp_path):
     assert rc == 0 and FeatureStore.open(tmp_path / "r").timesteps == [100]
     assert main(["repo", "build", "--ddpm", str(tmp_path / "none"), "--data", str(data),
                  "--out", str(tmp_path / "x")]) == 1
+
+
+NO_GPU = not torch.cuda.is_available()
+
+
+def test_device_is_not_part_of_the_repository_identity(setup, tmp_path):
+    out = tmp_path / "r"
+    assert build_repo(_cfg(setup), out, progress=False)["device"] == "cpu"
+    index = (out / "store.json").read_text()
+    assert "device" not in FeatureStore.open(out).meta
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    build_repo(_cfg(setup, device="auto"), out, progress=False)  # complete: nothing rebuilt
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    (out / "manifest.json").unlink()  # unfinished: another device resumes the same plan, no shard redone
+    metrics = build_repo(_cfg(setup, device="auto"), out, progress=False)
+    assert metrics["shards_built_this_run"] == 0 and (out / "store.json").read_text() == index
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a CUDA device is available here")
+def test_unavailable_cuda_is_a_clear_error(setup, tmp_path, capsys):
+    from d3n.cli import main
+    from d3n.errors import D3NError
+
+    with pytest.raises(D3NError, match="device 'cuda' is not available"):
+        build_repo(_cfg(setup, device="cuda"), tmp_path / "r", progress=False)
+    data, ddpm = setup
+    assert main(["repo", "build", "--ddpm", str(ddpm), "--data", str(data), "--out", str(tmp_path / "c"),
+                 "--device", "cuda:0"]) == 1
+    err = capsys.readouterr().err
+    assert "device 'cuda:0' is not available" in err and "Traceback" not in err
+
+
+def test_cli_repo_build_device_auto(setup, tmp_path):
+    from d3n.cli import main
+
+    data, ddpm = setup
+    assert main(["repo", "build", "--ddpm", str(ddpm), "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--timesteps", "100", "--split", "val", "--device", "auto"]) == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["device"] == ("cpu" if NO_GPU else "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason="needs a CUDA device")
+def test_ddpm_train_and_repo_build_on_cuda(setup, tmp_path):
+    from d3n.train.ddpm import DDPM
+
+    data, _ = setup
+    run = tmp_path / "ddpm"
+    m = train_ddpm(DDPMTrainConfig(data=str(data), size=16, steps=2, batch=4, ckpt_every=1, device="cuda"), run,
+                   progress=False)
+    assert m["steps"] == 2 and m["device"].startswith("cuda")
+    for name in ("checkpoint.pt", "ddpm.pt"):  # saved from CPU tensors: loads without a GPU
+        blob = torch.load(run / name, weights_only=True)
+        tensors = [v for part in ("model", "ema", "state_dict") for v in blob.get(part, {}).values()]
+        tensors += [v for st in blob.get("opt", {}).get("state", {}).values() for v in st.values()]
+        assert tensors and all(t.device.type == "cpu" for t in tensors), name
+    assert next(DDPM.load(run).unet.parameters()).device.type == "cpu"
+
+    gpu = build_repo(_cfg(setup, ddpm=str(run), device="cuda"), tmp_path / "gpu", progress=False)
+    assert gpu["device"].startswith("cuda")
+    build_repo(_cfg(setup, ddpm=str(run)), tmp_path / "cpu", progress=False)
+    a, b = FeatureStore.open(tmp_path / "gpu"), FeatureStore.open(tmp_path / "cpu")
+    assert a.meta == b.meta  # the same artifact: seeded CPU noise, same model, device not recorded
+    for iid in a.image_ids:
+        for lv in a.levels:
+            x, y = a.get(iid)[lv].astype(np.float32), b.get(iid)[lv].astype(np.float32)
+            assert np.abs(x - y).max() <= 2e-2 * max(np.abs(y).max(), 1.0), (iid, lv)  # TF32/fp16 rounding

@@ -1,5 +1,6 @@
 """ResVAE compressor: training lowers the round-trip error, latents match PCA's, compressed repos."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,62 @@ def test_cli_resvae_train_and_repo_compress(repos, tmp_path):
     assert FeatureStore.open(tmp_path / "c").shape("p5") == (3, 16, 2, 2)
     assert main(["repo", "compress", "--repo", train, "--resvae", str(tmp_path / "missing"),
                  "--out", str(tmp_path / "d")]) == 1
+
+
+NO_GPU = not torch.cuda.is_available()
+
+
+def test_cli_device_auto_and_device_left_out_of_identity(repos, tmp_path):
+    from d3n.cli import main
+
+    train, auto = str(repos["train"].root), "cpu" if NO_GPU else "cuda"
+    assert main(["resvae", "train", "--repo", train, "--out", str(tmp_path / "v"), "--steps", "2",
+                 "--batch", "8", "--device", "auto"]) == 0
+    assert json.loads((tmp_path / "v" / "metrics.json").read_text())["device"] == auto
+    assert main(["repo", "compress", "--repo", train, "--resvae", str(tmp_path / "v"),
+                 "--out", str(tmp_path / "c"), "--device", "auto"]) == 0
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["device"] == auto
+    assert "device" not in FeatureStore.open(tmp_path / "c").meta
+    stamps = {d: (tmp_path / d / "manifest.json").stat().st_mtime_ns for d in ("v", "c")}
+    cfg = CompressorTrainConfig(repo=train, steps=2, batch=8, device="cpu")
+    train_compressor(cfg, tmp_path / "v", progress=False)  # complete: another device does not redo it
+    compress_run(train, tmp_path / "v", tmp_path / "c", progress=False, device="cpu")
+    assert stamps == {d: (tmp_path / d / "manifest.json").stat().st_mtime_ns for d in ("v", "c")}
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a CUDA device is available here")
+def test_unavailable_cuda_is_a_clear_error(repos, tmp_path, capsys):
+    from d3n.cli import main
+    from d3n.errors import D3NError
+
+    train = str(repos["train"].root)
+    with pytest.raises(D3NError, match="device 'cuda' is not available"):
+        train_compressor(CompressorTrainConfig(repo=train, method="pca", device="cuda"), tmp_path / "v",
+                         progress=False)
+    train_compressor(CompressorTrainConfig(repo=train, method="pca"), tmp_path / "pca", progress=False)
+    with pytest.raises(D3NError, match="device 'cuda:0' is not available"):
+        compress_run(train, tmp_path / "pca", tmp_path / "c", progress=False, device="cuda:0")
+    with pytest.raises(ConfigError, match="expected cpu, cuda"):
+        compress_run(train, tmp_path / "pca", tmp_path / "c", progress=False, device="gpu")
+    assert main(["repo", "compress", "--repo", train, "--resvae", str(tmp_path / "pca"),
+                 "--out", str(tmp_path / "d"), "--device", "cuda"]) == 1
+    assert main(["resvae", "train", "--repo", train, "--out", str(tmp_path / "e"), "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("device 'cuda' is not available") == 2 and "Traceback" not in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason="needs a CUDA device")
+def test_resvae_train_and_compress_on_cuda(repos, tmp_path):
+    train = repos["train"]
+    m = train_compressor(CompressorTrainConfig(repo=str(train.root), steps=2, batch=8, device="cuda"),
+                         tmp_path / "v", progress=False)
+    assert m["device"].startswith("cuda")
+    blob = torch.load(tmp_path / "v" / "compressor.pt", weights_only=True)  # saved from CPU tensors
+    assert all(t.device.type == "cpu" for e in blob["levels"].values() for t in e["state"].values())
+    compress_run(train.root, tmp_path / "v", tmp_path / "gpu", progress=False, device="cuda")
+    compress_run(train.root, tmp_path / "v", tmp_path / "cpu", progress=False)
+    a, b = FeatureStore.open(tmp_path / "gpu"), FeatureStore.open(tmp_path / "cpu")
+    for lv in train.levels:
+        x, y = a.get_index(0)[lv].astype(np.float32), b.get_index(0)[lv].astype(np.float32)
+        assert np.abs(x - y).max() <= 2e-2 * max(np.abs(y).max(), 1.0), lv  # TF32/fp16 rounding
