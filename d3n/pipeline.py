@@ -203,8 +203,8 @@ class Pipeline:
 
         s = self.cfg.ddpm
         dcfg = DDPMTrainConfig(data=str(self.data_dir), preset=s.preset, size=s.size, steps=s.steps, epochs=s.epochs,
-                               batch=s.batch, lr=s.lr, ema=s.ema, seed=self._seed())
-        self._run_stage("ddpm", dcfg.model_dump(mode="json"), lambda d: train_ddpm(dcfg, d))
+                               batch=s.batch, lr=s.lr, ema=s.ema, seed=self._seed(), device=self._device())
+        self._run_stage("ddpm", dcfg.model_dump(mode="json", exclude={"device"}), lambda d: train_ddpm(dcfg, d))
 
     def stage_repo(self) -> None:
         from d3n.artifacts import Manifest
@@ -214,7 +214,7 @@ class Pipeline:
             man = Manifest(d, "repo")
             for split in ("train", "val"):
                 rcfg = RepoBuildConfig(ddpm=str(self.dir("ddpm")), data=str(self.data_dir), split=split,
-                                       timesteps=self.cfg.ddpm.timesteps)
+                                       timesteps=self.cfg.ddpm.timesteps, device=self._device())
                 with man.timed(split):
                     build_repo(rcfg, d / split)
             man.complete([f"{s}/{MANIFEST}" for s in ("train", "val")])
@@ -228,8 +228,9 @@ class Pipeline:
         # only the train split's features fit the compressor (no leakage into val)
         ccfg = CompressorTrainConfig(repo=str(self.dir("repo") / "train"), method=c.method,
                                      latent_channels=c.latent_channels, epochs=c.epochs, steps=c.steps,
-                                     batch=c.batch, seed=self._seed())
-        self._run_stage("resvae", ccfg.model_dump(mode="json"), lambda d: train_compressor(ccfg, d))
+                                     batch=c.batch, seed=self._seed(), device=self._device())
+        self._run_stage("resvae", ccfg.model_dump(mode="json", exclude={"device"}),
+                        lambda d: train_compressor(ccfg, d))
 
     def stage_compress(self) -> None:
         from d3n.artifacts import Manifest
@@ -239,7 +240,7 @@ class Pipeline:
             man = Manifest(d, "compress")
             for split in ("train", "val"):
                 with man.timed(split):
-                    compress_run(self.dir("repo") / split, self.dir("resvae"), d / split)
+                    compress_run(self.dir("repo") / split, self.dir("resvae"), d / split, device=self._device())
             man.complete([f"{s}/{MANIFEST}" for s in ("train", "val")])
 
         self._run_stage("compress", {"method": self.cfg.compress.method}, body)
@@ -248,6 +249,10 @@ class Pipeline:
         from d3n.train.loop import TrainConfig
 
         return TrainConfig(**self.cfg.train)
+
+    def _device(self) -> str:
+        # one device for the whole chain; the device never enters a stage key (same artifact on any device)
+        return str(self.cfg.train.get("device", "cpu"))
 
     def _seed(self) -> int:
         return int(self.cfg.train.get("seed", 0))

@@ -21,6 +21,7 @@ from d3n.errors import ArtifactError
 from d3n.train import detector
 from d3n.train.baseline import finish
 from d3n.train.ddpm_feats import FeatureProvider
+from d3n.train.device import resolve_device
 from d3n.train.loop import TrainConfig, train
 from d3n.train.profile import complexity
 from d3n.train.teacher_model import FusionTeacher
@@ -74,11 +75,11 @@ def run(cfg: DistillStageConfig) -> dict:
     write_yaml(out / CONFIG, dump)
     manifest = Manifest(out, "distill", {"data": str(layout.root), "teacher": str(cfg.teacher),
                                          "repo": str(cfg.repo)}, dump)
-    device = torch.device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     teacher = FusionTeacher.load(cfg.teacher).to(device)
     if teacher.config.nc != layout.nc:
         raise ArtifactError(f"{cfg.teacher}: teacher has {teacher.config.nc} classes, {layout.yaml_path} has {layout.nc}")
-    features = FeatureProvider([cfg.repo], cfg.resvae, device=cfg.train.device)
+    features = FeatureProvider([cfg.repo], cfg.resvae, device=str(device))
     if features.channels != teacher.config.ddpm_channels:
         raise ArtifactError(f"{cfg.repo}: decodes to {features.channels} channels, teacher {cfg.teacher} "
                             f"was trained on {teacher.config.ddpm_channels}")

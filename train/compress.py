@@ -23,7 +23,7 @@ from tqdm import tqdm
 from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, save_with, write_json, write_yaml
 from d3n.config import StrictModel, validate
 from d3n.errors import ArtifactError
-from d3n.train.ddpm import Device, resolve_device
+from d3n.train.device import Device, resolve_device
 from d3n.train.featstore import INDEX, FeatureStore, StoreWriter
 from d3n.train.pca import PCADecoder, PCAEncoder
 from d3n.train.resvae import ResVAE, ResVAEDecoder, ResVAEEncoder

@@ -4,20 +4,18 @@ image loading, and loading a trained DDPM run.
 Images are resized straight to the DDPM size (no letterbox, as the paper does) and scaled to
 [-1, 1], the range `DDPMScheduler.add_noise` expects.
 
-Also home to the `--device` option shared by the stage-1 commands (`Device`, `resolve_device`,
-`identity`, `to_cpu`).
+`identity` and `to_cpu` keep runs independent of the device they ran on (`d3n.train.device`).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
-from pydantic import AfterValidator, BaseModel
+from pydantic import BaseModel
 
 from d3n.errors import ArtifactError, ConfigError, DataError
 
@@ -29,40 +27,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"block_out_channels": (32, 64, 128, 128), "layers_per_block": 1, "norm_num_groups": 8},
     "paper": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32},
 }
-
-
-DEVICE_CHOICES = "cpu, cuda, cuda:N or auto (cuda if available, else cpu)"
-
-
-def check_device(name: str) -> str:
-    """Check the spelling only: whether a GPU exists is decided where the run happens."""
-    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", name):
-        raise ValueError(f"expected {DEVICE_CHOICES}, got '{name}'")
-    return name
-
-
-Device = Annotated[str, AfterValidator(check_device)]  # a plain str field, spelling checked
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda if available else cpu; a CUDA device that is not there is a ConfigError
-    (a clear message instead of torch's lazy-init traceback on the first `.to()`)."""
-    try:
-        check_device(name)
-    except ValueError as exc:
-        raise ConfigError(f"device: {exc}") from None
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ConfigError(f"device '{name}' is not available: torch sees no CUDA device "
-                              "(no GPU, no driver, or a CPU-only torch build); use --device cpu or auto")
-        if dev.index is not None and dev.index >= n:
-            raise ConfigError(f"device '{name}' is not available: torch sees {n} CUDA device(s), "
-                              f"cuda:0 to cuda:{n - 1}")
-    return dev
 
 
 def identity(cfg: BaseModel) -> dict[str, Any]:

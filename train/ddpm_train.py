@@ -28,15 +28,14 @@ from d3n.errors import ArtifactError, ConfigError
 from d3n.train.ddpm import (
     T_STEPS,
     WEIGHTS,
-    Device,
     build_scheduler,
     build_unet,
     identity,
     load_images,
-    resolve_device,
     to_cpu,
     unet_config,
 )
+from d3n.train.device import Device, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from d3n.artifacts import save_with
 from d3n.config import StrictModel
 from d3n.train.detdata import AugmentConfig, DetectionDataset, collate, seed_worker
+from d3n.train.device import Device, resolve_device
 from d3n.train.evaluate import evaluate, fitness
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class TrainConfig(StrictModel):
     imgsz: int = 640
     epochs: int = 100
     batch: int = 16
-    device: str = "cpu"
+    device: Device = "cpu"  # cpu, cuda, cuda:N or auto
     seed: int = 0
     workers: int = 2
     optimizer: Literal["auto", "SGD", "AdamW"] = "auto"
@@ -136,7 +137,7 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
 
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     model = task.model.to(device)
     train_loader, val_loader = make_loaders(cfg, data)
     nb = len(train_loader)

@@ -17,6 +17,7 @@ from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ArtifactError
 from d3n.train.ddpm_feats import FeatureProvider
+from d3n.train.device import resolve_device
 from d3n.train.fusion import FusionConfig
 from d3n.train.loop import TrainConfig, train
 from d3n.train.plots import plot_history, plot_per_class
@@ -62,7 +63,7 @@ def run(cfg: TeacherStageConfig) -> dict:
     write_yaml(out / CONFIG, dump)
     inputs = {"data": str(layout.root), "repo": str(cfg.repo), "val_repo": str(cfg.val_repo)}
     manifest = Manifest(out, "teacher", inputs, dump)
-    features = FeatureProvider([cfg.repo, cfg.val_repo], cfg.resvae, device=cfg.train.device)
+    features = FeatureProvider([cfg.repo, cfg.val_repo], cfg.resvae, device=str(resolve_device(cfg.train.device)))
     _check_coverage(features, layout)
     model = FusionTeacher(TeacherConfig(nc=layout.nc, ddpm_channels=features.channels, fusion=cfg.fusion))
     extra = {"names": list(layout.names), "imgsz": cfg.train.imgsz, "repo": str(Path(cfg.repo).resolve()),

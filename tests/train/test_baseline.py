@@ -91,3 +91,13 @@ def test_killed_training_resumes_to_the_same_weights(synth_small, tmp_path):
     b = torch.load(killed / "last_state.pt", weights_only=False)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_device_is_checked_before_training(synth_small, tmp_path, capsys):
+    rc = main(["train", "baseline", "--data", str(synth_small), "--out", str(tmp_path / "a"), "--device", "gpu0"])
+    assert rc != 0 and "device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        rc = main(["train", "baseline", "--data", str(synth_small), "--out", str(tmp_path / "b"), "--device", "cuda",
+                   *[f"--{k}={v}" for k, v in TINY.items() if k != "device"]])
+        err = capsys.readouterr().err
+        assert rc != 0 and "'cuda' is not available" in err

@@ -97,7 +97,7 @@ NO_GPU = not torch.cuda.is_available()
 def test_device_option_is_validated_and_auto_resolves(data):
     from d3n.config import validate
     from d3n.errors import ConfigError
-    from d3n.train.ddpm import resolve_device
+    from d3n.train.device import resolve_device
 
     for ok in ("cpu", "cuda", "cuda:1", "auto"):
         assert validate(DDPMTrainConfig, {"data": str(data), "device": ok}).device == ok

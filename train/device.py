@@ -1,0 +1,48 @@
+"""The `--device` option shared by every training command: cpu, cuda, cuda:N or auto.
+
+The spelling is checked when a config is validated; whether a GPU exists is decided where the run
+happens, with a clear error instead of torch's lazy CUDA-init traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import torch
+from pydantic import AfterValidator
+
+from d3n.errors import ConfigError
+
+DEVICE_CHOICES = "cpu, cuda, cuda:N or auto (cuda if available, else cpu)"
+
+
+def check_device(name: str) -> str:
+    """Check the spelling only: whether a GPU exists is decided where the run happens."""
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", name):
+        raise ValueError(f"expected {DEVICE_CHOICES}, got '{name}'")
+    return name
+
+
+Device = Annotated[str, AfterValidator(check_device)]  # a plain str field, spelling checked
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda if available else cpu; a CUDA device that is not there is a ConfigError
+    (a clear message instead of torch's lazy-init traceback on the first `.to()`)."""
+    try:
+        check_device(name)
+    except ValueError as exc:
+        raise ConfigError(f"device: {exc}") from None
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"device '{name}' is not available: torch sees no CUDA device "
+                              "(no GPU, no driver, or a CPU-only torch build); use --device cpu or auto")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"device '{name}' is not available: torch sees {n} CUDA device(s), "
+                              f"cuda:0 to cuda:{n - 1}")
+    return dev
