@@ -21,7 +21,7 @@ from d3n.train.device import resolve_device
 from d3n.train.fusion import FusionConfig
 from d3n.train.loop import TrainConfig, train
 from d3n.train.plots import plot_history, plot_per_class
-from d3n.train.profile import count_params
+from d3n.train.profile import count_params, teacher_complexity
 from d3n.train.teacher_model import FusionTeacher, TeacherConfig
 
 
@@ -82,7 +82,8 @@ def run(cfg: TeacherStageConfig) -> dict:
                     "detector_params": count_params(model.detector), "imgsz": cfg.train.imgsz,
                     "epochs": cfg.train.epochs, "seed": cfg.train.seed, "ddpm_channels": features.channels,
                     "fusion": cfg.fusion.model_dump(), "branch_weights": model.branch_weights(),
-                    "train_seconds": round(sum(r["seconds"] for r in history), 1)})
+                    "train_seconds": round(sum(r["seconds"] for r in history), 1),
+                    **teacher_complexity(model, cfg.train.imgsz, features.channels)})
     write_json(out / METRICS, metrics)
     plot_history([{k: v for k, v in r.items() if not k.startswith("w_")} for r in history],
                  out / "results.png", "teacher")

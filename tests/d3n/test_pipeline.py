@@ -44,6 +44,8 @@ def test_every_stage_writes_a_complete_run_folder(micro_pipeline):
     teacher = json.loads((out / "teacher" / "metrics.json").read_text())
     assert set(teacher["branch_weights"]) == {"p3", "p4", "p5"}
     assert (out / "teacher" / "branch_weights.png").exists()
+    baseline = json.loads((out / "baseline" / "metrics.json").read_text())
+    assert teacher["gflops"] > baseline["gflops"] > 0  # the fusion costs FLOPs on top of the same detector
 
 
 def test_student_is_a_plain_ultralytics_yolov5s_without_teacher_weights(micro_pipeline):
