@@ -1,9 +1,11 @@
 """ONNX Runtime static INT8 quantization (QDQ, per-channel weights) calibrated on real images.
 
 Steps, as ONNX Runtime recommends: `quant_pre_process` (symbolic shape inference + graph
-optimisation), then `quantize_static` fed by letterboxed frames. The detect head's decode (DFL
-softmax, box arithmetic, the final concat of pixel boxes with 0-1 scores) stays in float: one
-int8 scale over values from 0 to 640 and from 0 to 1 would erase the scores.
+optimisation), then `quantize_static` fed by letterboxed frames. Two parts stay in float:
+- the detect head's decode (DFL softmax, box arithmetic, the final concat of pixel boxes with
+  0-1 scores): one int8 scale over values from 0 to 640 and from 0 to 1 would erase the scores;
+- the stem (module 0: the first conv and its SiLU). Quantized, it cost the NEU-DET student 6.9
+  mAP50 points at 128 px; kept float, the drop is 0.1 points for about 4 % more INT8 latency.
 
 Two flavours: ORT CPU (uint8 activations, asymmetric: the u8s8 kernels) and TensorRT explicit
 quantization (int8 symmetric activations and weights, which TensorRT requires).
@@ -35,6 +37,19 @@ def head_decode_nodes(model: onnx.ModelProto) -> list[str]:
     prefix = f"/model.{max(idx)}/"
     return [n.name for n in model.graph.node
             if n.name.startswith(prefix) and not re.match(rf"{re.escape(prefix)}cv[23]\.", n.name)]
+
+
+def stem_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes of the first module (the 6x6 stride-2 stem conv and its activation)."""
+    nodes = [n.name for n in model.graph.node if n.name.startswith("/model.0/")]
+    if not nodes:
+        raise D3NError("cannot find the stem in the ONNX graph (node names /model.0/...)")
+    return nodes
+
+
+def float_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes left unquantized: the stem and the head's decode (see the module docstring)."""
+    return stem_nodes(model) + head_decode_nodes(model)
 
 
 class _Reader:
@@ -77,7 +92,7 @@ def quantize(src: Path, dst: Path, inputs: list[np.ndarray], for_tensorrt: bool 
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(src), str(pre))
         model = onnx.load(str(pre))
-        exclude = head_decode_nodes(model)
+        exclude = float_nodes(model)
         input_name = model.graph.input[0].name
         settings = {
             "format": "QDQ", "per_channel": True, "calibrate_method": "MinMax",
