@@ -121,8 +121,22 @@ class Pipeline:
     # -- stage bookkeeping --------------------------------------------------------------------
     def _key(self, stage: str, spec: dict, reads: tuple[str, ...]) -> str:
         upstream = {s: fingerprint(self.dir(s) / MANIFEST) for s in reads}
-        blob = json.dumps({"stage": stage, "spec": spec, "upstream": upstream}, sort_keys=True, default=str)
+        blob = json.dumps({"stage": stage, "spec": self._portable(spec), "upstream": upstream},
+                          sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _portable(self, value):
+        """Paths inside the run folder made relative to it, so a moved or copied run stays up to date
+        (its content is already in the key through the upstream manifests)."""
+        if isinstance(value, dict):
+            return {k: self._portable(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._portable(v) for v in value]
+        if isinstance(value, str | Path) and Path(value).is_absolute():
+            root = self.out.resolve()
+            if Path(value).resolve().is_relative_to(root):
+                return "$OUT/" + Path(value).resolve().relative_to(root).as_posix()
+        return value
 
     def _run_stage(self, stage: str, spec: dict, body: Callable[[Path], None]) -> None:
         d = self.dir(stage)

@@ -77,6 +77,18 @@ def test_rerun_skips_finished_stages(micro_pipeline, capsys):
     assert all(v.startswith("skipped") for v in status.values()), status
 
 
+def test_moved_run_folder_stays_up_to_date(micro_pipeline, tmp_path):
+    """A run folder copied elsewhere (another disk, another machine) is not recomputed."""
+    import shutil
+
+    cfg, out = micro_pipeline
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    assert main(["pipeline", str(cfg), "--out", str(moved)]) == 0
+    status = json.loads((moved / "report.json").read_text())["status"]
+    assert all(v.startswith("skipped") for v in status.values()), status
+
+
 def test_killed_stage_resumes_and_changed_config_reruns(micro_pipeline, tmp_path, monkeypatch):
     """Kill the baseline after its training, before its manifest: the rerun resumes, not restarts."""
     from d3n.pipeline import Pipeline
