@@ -133,9 +133,9 @@ class Pipeline:
         if isinstance(value, list | tuple):
             return [self._portable(v) for v in value]
         if isinstance(value, str | Path) and Path(value).is_absolute():
-            root = self.out.resolve()
-            if Path(value).resolve().is_relative_to(root):
-                return "$OUT/" + Path(value).resolve().relative_to(root).as_posix()
+            path, root = Path(value).resolve(), self.out.resolve()
+            if path.is_relative_to(root):
+                return "$OUT/" + path.relative_to(root).as_posix()
         return value
 
     def _run_stage(self, stage: str, spec: dict, body: Callable[[Path], None]) -> None:
@@ -214,11 +214,12 @@ class Pipeline:
 
     def stage_ddpm(self) -> None:
         from d3n.train.ddpm_train import DDPMTrainConfig, train_ddpm
+        from d3n.train.device import identity
 
         s = self.cfg.ddpm
         dcfg = DDPMTrainConfig(data=str(self.data_dir), preset=s.preset, size=s.size, steps=s.steps, epochs=s.epochs,
                                batch=s.batch, lr=s.lr, ema=s.ema, seed=self._seed(), device=self._device())
-        self._run_stage("ddpm", dcfg.model_dump(mode="json", exclude={"device"}), lambda d: train_ddpm(dcfg, d))
+        self._run_stage("ddpm", identity(dcfg, mode="json"), lambda d: train_ddpm(dcfg, d))
 
     def stage_repo(self) -> None:
         from d3n.artifacts import Manifest
@@ -236,6 +237,7 @@ class Pipeline:
         self._run_stage("repo", {"timesteps": self.cfg.ddpm.timesteps}, body)
 
     def stage_resvae(self) -> None:
+        from d3n.train.device import identity
         from d3n.train.resvae_train import CompressorTrainConfig, train_compressor
 
         c = self.cfg.compress
@@ -243,7 +245,7 @@ class Pipeline:
         ccfg = CompressorTrainConfig(repo=str(self.dir("repo") / "train"), method=c.method,
                                      latent_channels=c.latent_channels, epochs=c.epochs, steps=c.steps,
                                      batch=c.batch, seed=self._seed(), device=self._device())
-        self._run_stage("resvae", ccfg.model_dump(mode="json", exclude={"device"}),
+        self._run_stage("resvae", identity(ccfg, mode="json"),
                         lambda d: train_compressor(ccfg, d))
 
     def stage_compress(self) -> None:

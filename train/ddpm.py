@@ -3,8 +3,6 @@ image loading, and loading a trained DDPM run.
 
 Images are resized straight to the DDPM size (no letterbox, as the paper does) and scaled to
 [-1, 1], the range `DDPMScheduler.add_noise` expects.
-
-`identity` and `to_cpu` keep runs independent of the device they ran on (`d3n.train.device`).
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from pydantic import BaseModel
 
 from d3n.errors import ArtifactError, ConfigError, DataError
 
@@ -27,23 +24,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"block_out_channels": (32, 64, 128, 128), "layers_per_block": 1, "norm_num_groups": 8},
     "paper": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32},
 }
-
-
-def identity(cfg: BaseModel) -> dict[str, Any]:
-    """A config as it defines the artifact, for resume and up-to-date checks: `device` is left
-    out, so moving a run between CPU and GPU neither restarts it nor changes its fingerprint."""
-    return cfg.model_dump(exclude={"device"})
-
-
-def to_cpu(obj: Any) -> Any:
-    """Tensors of a nested state (dicts, lists) moved to the CPU, so a checkpoint loads anywhere."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
 
 
 def unet_config(preset: str, size: int) -> dict[str, Any]:

@@ -30,12 +30,10 @@ from d3n.train.ddpm import (
     WEIGHTS,
     build_scheduler,
     build_unet,
-    identity,
     load_images,
-    to_cpu,
     unet_config,
 )
-from d3n.train.device import Device, resolve_device
+from d3n.train.device import Device, identity, resolve_device, to_cpu
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -1,16 +1,17 @@
 """The `--device` option shared by every training command: cpu, cuda, cuda:N or auto.
 
 The spelling is checked when a config is validated; whether a GPU exists is decided where the run
-happens, with a clear error instead of torch's lazy CUDA-init traceback.
+happens, with a clear error instead of torch's lazy CUDA-init traceback. `identity` and `to_cpu`
+keep runs independent of the device they ran on.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BaseModel
 
 from d3n.errors import ConfigError
 
@@ -46,3 +47,20 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError(f"device '{name}' is not available: torch sees {n} CUDA device(s), "
                               f"cuda:0 to cuda:{n - 1}")
     return dev
+
+
+def identity(cfg: BaseModel, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+    """A config as it defines the artifact, for resume and up-to-date checks: `device` is left
+    out, so moving a run between CPU and GPU neither restarts it nor changes its fingerprint."""
+    return cfg.model_dump(mode=mode, exclude={"device"})
+
+
+def to_cpu(obj: Any) -> Any:
+    """Tensors of a nested state (dicts, lists) moved to the CPU, so a checkpoint loads anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
