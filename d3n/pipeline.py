@@ -99,8 +99,8 @@ def load_config(path: Path) -> PipelineConfig:
         if p is not None and not p.is_absolute():
             setattr(d, attr, (base / p).resolve())
     from d3n.distill.loss import DistillConfig
-    from d3n.train.fusion import FusionConfig
-    from d3n.train.loop import TrainConfig
+    from d3n.train.teacher.fusion import FusionConfig
+    from d3n.train.detector.loop import TrainConfig
 
     validate(TrainConfig, cfg.train, f"{path}: train")
     validate(FusionConfig, cfg.teacher.get("fusion", {}), f"{path}: teacher.fusion")
@@ -213,7 +213,7 @@ class Pipeline:
         return self.dir("data") / "dataset"
 
     def stage_ddpm(self) -> None:
-        from d3n.train.ddpm_train import DDPMTrainConfig, train_ddpm
+        from d3n.train.ddpm.train import DDPMTrainConfig, train_ddpm
         from d3n.train.device import identity
 
         s = self.cfg.ddpm
@@ -223,7 +223,7 @@ class Pipeline:
 
     def stage_repo(self) -> None:
         from d3n.artifacts import Manifest
-        from d3n.train.repo_build import RepoBuildConfig, build_repo
+        from d3n.train.repository.build import RepoBuildConfig, build_repo
 
         def body(d: Path) -> None:
             man = Manifest(d, "repo")
@@ -238,7 +238,7 @@ class Pipeline:
 
     def stage_resvae(self) -> None:
         from d3n.train.device import identity
-        from d3n.train.resvae_train import CompressorTrainConfig, train_compressor
+        from d3n.train.repository.fit import CompressorTrainConfig, train_compressor
 
         c = self.cfg.compress
         # only the train split's features fit the compressor (no leakage into val)
@@ -250,7 +250,7 @@ class Pipeline:
 
     def stage_compress(self) -> None:
         from d3n.artifacts import Manifest
-        from d3n.train.compress import compress_run
+        from d3n.train.repository.compress import compress_run
 
         def body(d: Path) -> None:
             man = Manifest(d, "compress")
@@ -262,7 +262,7 @@ class Pipeline:
         self._run_stage("compress", {"method": self.cfg.compress.method}, body)
 
     def _train_cfg(self):
-        from d3n.train.loop import TrainConfig
+        from d3n.train.detector.loop import TrainConfig
 
         return TrainConfig(**self.cfg.train)
 
@@ -274,7 +274,7 @@ class Pipeline:
         return int(self.cfg.train.get("seed", 0))
 
     def stage_baseline(self) -> None:
-        from d3n.train import baseline
+        from d3n.train.detector import baseline
 
         tcfg = self._train_cfg()
         spec = tcfg.model_dump(mode="json")
@@ -282,8 +282,8 @@ class Pipeline:
             baseline.BaselineConfig(data=self.data_dir, out=d, train=tcfg)))
 
     def stage_teacher(self) -> None:
-        from d3n.train import teacher
-        from d3n.train.fusion import FusionConfig
+        from d3n.train.teacher import stage as teacher
+        from d3n.train.teacher.fusion import FusionConfig
 
         tcfg = self._train_cfg()
         fusion = FusionConfig(**self.cfg.teacher.get("fusion", {}))

@@ -26,7 +26,7 @@ def _distill(args) -> int:
     from d3n.distill import trainer
     from d3n.distill.loss import DistillConfig
     from d3n.train.cli import train_overrides
-    from d3n.train.loop import TrainConfig
+    from d3n.train.detector.loop import TrainConfig
 
     tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
     dcfg = DistillConfig() if args.weight is None else DistillConfig(weight=args.weight)

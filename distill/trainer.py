@@ -18,13 +18,13 @@ from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.distill.loss import DistillConfig, DistillLoss
 from d3n.errors import ArtifactError
-from d3n.train import detector
-from d3n.train.baseline import finish
-from d3n.train.ddpm_feats import FeatureProvider
+from d3n.train.detector import model as detector
+from d3n.train.detector.baseline import finish
+from d3n.train.teacher.features import FeatureProvider
 from d3n.train.device import resolve_device
-from d3n.train.loop import TrainConfig, train
-from d3n.train.profile import complexity
-from d3n.train.teacher_model import FusionTeacher
+from d3n.train.detector.loop import TrainConfig, train
+from d3n.train.detector.profile import complexity
+from d3n.train.teacher.model import FusionTeacher
 
 
 class DistillStageConfig(StrictModel):

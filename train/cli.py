@@ -83,8 +83,8 @@ def train_overrides(args) -> dict:
 
 def _baseline(args) -> int:
     from d3n.config import validate
-    from d3n.train import baseline
-    from d3n.train.loop import TrainConfig
+    from d3n.train.detector import baseline
+    from d3n.train.detector.loop import TrainConfig
 
     tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
     cfg = baseline.BaselineConfig(data=args.data, out=args.out, weights=args.weights, train=tcfg)
@@ -96,9 +96,9 @@ def _baseline(args) -> int:
 
 def _teacher(args) -> int:
     from d3n.config import validate
-    from d3n.train import teacher
-    from d3n.train.fusion import FusionConfig
-    from d3n.train.loop import TrainConfig
+    from d3n.train.teacher import stage as teacher
+    from d3n.train.teacher.fusion import FusionConfig
+    from d3n.train.detector.loop import TrainConfig
 
     tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
     fusion = validate(FusionConfig, fusion_overrides(args.fusion, args.fusion_off), "--fusion/--fusion-off")
@@ -112,7 +112,7 @@ def _teacher(args) -> int:
 
 def _val(args) -> int:
     from d3n.artifacts import write_json
-    from d3n.train import val
+    from d3n.train.detector import val
 
     m = val.run(args.model, args.data, imgsz=args.imgsz, batch=args.batch, device=args.device, split=args.split)
     names = list(m["per_class_AP50"])

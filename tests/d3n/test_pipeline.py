@@ -92,7 +92,7 @@ def test_moved_run_folder_stays_up_to_date(micro_pipeline, tmp_path):
 def test_killed_stage_resumes_and_changed_config_reruns(micro_pipeline, tmp_path, monkeypatch):
     """Kill the baseline after its training, before its manifest: the rerun resumes, not restarts."""
     from d3n.pipeline import Pipeline
-    from d3n.train import baseline
+    from d3n.train.detector import baseline
 
     cfg_path, _ = micro_pipeline
     data = yaml.safe_load(cfg_path.read_text())

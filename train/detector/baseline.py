@@ -7,10 +7,10 @@ from pathlib import Path
 from d3n.artifacts import CONFIG, METRICS, Manifest, write_json, write_yaml
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
-from d3n.train import detector
-from d3n.train.loop import TrainConfig, train
-from d3n.train.plots import plot_history, plot_per_class
-from d3n.train.profile import complexity
+from d3n.train.detector import model as detector
+from d3n.train.detector.loop import TrainConfig, train
+from d3n.train.detector.plots import plot_history, plot_per_class
+from d3n.train.detector.profile import complexity
 
 
 class BaselineConfig(StrictModel):

@@ -21,7 +21,7 @@ def _print(metrics: dict) -> None:
 
 def _ddpm_train(args: argparse.Namespace) -> int:
     from d3n.config import validate
-    from d3n.train.ddpm_train import DDPMTrainConfig, train_ddpm
+    from d3n.train.ddpm.train import DDPMTrainConfig, train_ddpm
 
     fields = ("data", "preset", "size", "split", "steps", "epochs", "batch", "lr", "lr_min", "ema",
               "ckpt_every", "seed", "device")
@@ -33,7 +33,7 @@ def _ddpm_train(args: argparse.Namespace) -> int:
 
 def _repo_build(args: argparse.Namespace) -> int:
     from d3n.config import validate
-    from d3n.train.repo_build import RepoBuildConfig, build_repo, parse_timesteps
+    from d3n.train.repository.build import RepoBuildConfig, build_repo, parse_timesteps
 
     data = {"ddpm": args.ddpm, "data": args.data, "split": args.split, "timesteps": parse_timesteps(args.timesteps),
             "shard_size": args.shard_size, "batch": args.batch, "device": args.device}
@@ -43,7 +43,7 @@ def _repo_build(args: argparse.Namespace) -> int:
 
 def _repo_compress(args: argparse.Namespace) -> int:
     from d3n.config import validate
-    from d3n.train.compress import RepoCompressConfig, compress_with
+    from d3n.train.repository.compress import RepoCompressConfig, compress_with
 
     data = {"repo": args.repo, "compressor": args.resvae, "method": args.method, "batch": args.batch,
             "device": args.device}
@@ -53,7 +53,7 @@ def _repo_compress(args: argparse.Namespace) -> int:
 
 def _resvae_train(args: argparse.Namespace) -> int:
     from d3n.config import validate
-    from d3n.train.resvae_train import CompressorTrainConfig, train_compressor
+    from d3n.train.repository.fit import CompressorTrainConfig, train_compressor
 
     fields = ("repo", "method", "latent_channels", "epochs", "steps", "batch", "lr", "kl_weight", "hidden",
               "blocks", "holdout", "seed", "device")

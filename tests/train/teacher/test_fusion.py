@@ -4,7 +4,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from d3n.train.fusion import CrossFusion, FusionConfig, PooledAttention
+from d3n.train.teacher.fusion import CrossFusion, FusionConfig, PooledAttention
 
 CX, CD = 16, 12
 SWITCHES = ["use_filter", "use_cross", "use_self_x", "use_self_d", "learn_weights", "residual", "norm"]

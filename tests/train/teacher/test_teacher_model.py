@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from d3n.errors import ArtifactError
 from d3n.offline import ultralytics
-from d3n.train.fusion import FusionConfig
-from d3n.train.teacher_model import LEVELS, FusionTeacher, TeacherConfig
+from d3n.train.teacher.fusion import FusionConfig
+from d3n.train.teacher.model import LEVELS, FusionTeacher, TeacherConfig
 
 NC, IMGSZ, B = 3, 64, 2
 DDPM_CH = {"p3": 8, "p4": 12, "p5": 16}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from d3n.cli import main
 from d3n.config import validate
 from d3n.train.cli import fusion_overrides
-from d3n.train.fusion import FusionConfig
+from d3n.train.teacher.fusion import FusionConfig
 
 
 def test_fusion_off_switches_each_named_part_and_nothing_else():

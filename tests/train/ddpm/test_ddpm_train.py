@@ -8,9 +8,9 @@ import torch
 
 from d3n.data.synth import generate
 from d3n.errors import ArtifactError
-from d3n.train import ddpm_train
-from d3n.train.ddpm import DDPM
-from d3n.train.ddpm_train import CHECKPOINT, DDPMTrainConfig, batch_indices, train_ddpm
+from d3n.train.ddpm import train as ddpm_train
+from d3n.train.ddpm.model import DDPM
+from d3n.train.ddpm.train import CHECKPOINT, DDPMTrainConfig, batch_indices, train_ddpm
 
 torch.set_num_threads(1)  # tiny models: threads only contend on a shared CPU
 

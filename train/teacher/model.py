@@ -4,7 +4,7 @@
 layers exactly as `DetectionModel._predict_once` does (each layer's `f` inputs, the `save` list),
 except that just before the Detect layer each of its inputs x_l (the neck outputs at layers
 17/20/23) is replaced by fuse_l(x_l, resize(ddpm_l to x_l's h, w)), with one FreqFilter +
-CrossFusion per level (train/fusion.py). The Detect head is untouched, so the outputs are exactly
+CrossFusion per level (train/teacher/fusion.py). The Detect head is untouched, so the outputs are exactly
 DetectionModel's (train: the raw dict {"boxes", "scores", "feats"}; eval: (decoded, raw)), and
 ultralytics' v8DetectionLoss and NMS apply unchanged.
 
@@ -29,7 +29,7 @@ from d3n.artifacts import save_with
 from d3n.config import StrictModel
 from d3n.errors import ArtifactError, ConfigError
 from d3n.offline import ultralytics
-from d3n.train.fusion import CrossFusion, FusionConfig
+from d3n.train.teacher.fusion import CrossFusion, FusionConfig
 
 LEVELS = ("p3", "p4", "p5")
 CHECKPOINT_FORMAT = "d3n-fusion-teacher/1"

@@ -2,7 +2,7 @@
 
 Inputs at one pyramid level: detector features X (B, Cx, h, w) and reconstructed DDPM features
 D (B, Cd, h, w), already resampled to X's h, w. D is (optionally) noise-filtered in the frequency
-domain (train/freqfilter.py), projected to Cx by a 1x1 conv and normalised (LayerNorm over
+domain (train/teacher/freqfilter.py), projected to Cx by a 1x1 conv and normalised (LayerNorm over
 channels, Table I "norm"). Then, in the paper's "dynamic" mode:
 
     cross = MHA_4(q = X, k = v = D')          (Eqs. 4-5, detector features are the query)
@@ -38,7 +38,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from d3n.config import StrictModel
-from d3n.train.freqfilter import FreqFilter, FreqFilterConfig
+from d3n.train.teacher.freqfilter import FreqFilter, FreqFilterConfig
 
 BRANCHES = ("cross", "det", "ddpm")  # order of branch_weights(): cross-attn, self-attn on X, on D
 

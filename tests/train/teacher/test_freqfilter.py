@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from d3n.train.freqfilter import FreqFilter, FreqFilterConfig
+from d3n.train.teacher.freqfilter import FreqFilter, FreqFilterConfig
 
 
 @pytest.mark.parametrize("size", [(7, 9), (8, 8), (5, 2), (1, 1), (33, 17)])

@@ -4,7 +4,7 @@ Precomputed DDPM features describe the un-augmented image (DESIGN.md, "Features 
 image"). Every geometric step here (letterbox, mosaic, random scale/translate, horizontal flip) is
 an affine map, and each sample records, per source image it draws from (a *piece*), the 3x3 matrix
 `M` taking source-image pixels to output pixels and the rectangle of the source that is visible.
-`d3n.train.align.warp_pieces` then resamples that image's feature maps with the same map, so the
+`d3n.train.teacher.align.warp_pieces` then resamples that image's feature maps with the same map, so the
 features stay aligned with the pixels the detector sees. Rotation and shear are left out (the
 ultralytics defaults are 0 for both), so boxes transform exactly.
 """

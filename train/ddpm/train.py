@@ -25,7 +25,7 @@ from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, sav
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ArtifactError, ConfigError
-from d3n.train.ddpm import (
+from d3n.train.ddpm.model import (
     T_STEPS,
     WEIGHTS,
     build_scheduler,

@@ -9,10 +9,10 @@ from torch.utils.data import DataLoader
 
 from d3n.data.layout import DatasetLayout
 from d3n.errors import DataError
-from d3n.train import detector
-from d3n.train.detdata import DetectionDataset, collate
-from d3n.train.evaluate import evaluate
-from d3n.train.profile import count_params
+from d3n.train.detector import model as detector
+from d3n.train.detector.data import DetectionDataset, collate
+from d3n.train.detector.evaluate import evaluate
+from d3n.train.detector.profile import count_params
 
 
 def run(model_path: Path, data: Path, imgsz: int = 640, batch: int = 16, device: str = "cpu",

@@ -2,7 +2,7 @@
 
 YOLOv5s whose neck fuses DDPM features at P3/P4/P5, trained with the same loop, schedule and
 augmentation as the baseline; the features are decoded from the compressed repository and warped
-with each sample's augmentation (train/ddpm_feats.py). The fusion's branch weights are logged every
+with each sample's augmentation (train/teacher/features.py). The fusion's branch weights are logged every
 epoch and plotted (Fig. 11).
 """
 
@@ -16,13 +16,13 @@ from d3n.artifacts import CONFIG, METRICS, Manifest, atomic_path, write_json, wr
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ArtifactError
-from d3n.train.ddpm_feats import FeatureProvider
+from d3n.train.teacher.features import FeatureProvider
 from d3n.train.device import resolve_device
-from d3n.train.fusion import FusionConfig
-from d3n.train.loop import TrainConfig, train
-from d3n.train.plots import plot_history, plot_per_class
-from d3n.train.profile import count_params, teacher_complexity
-from d3n.train.teacher_model import FusionTeacher, TeacherConfig
+from d3n.train.teacher.fusion import FusionConfig
+from d3n.train.detector.loop import TrainConfig, train
+from d3n.train.detector.plots import plot_history, plot_per_class
+from d3n.train.detector.profile import count_params, teacher_complexity
+from d3n.train.teacher.model import FusionTeacher, TeacherConfig
 
 
 class TeacherStageConfig(StrictModel):

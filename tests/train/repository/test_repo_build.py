@@ -10,11 +10,11 @@ import torch
 
 from d3n.data.synth import generate
 from d3n.errors import ArtifactError
-from d3n.train import features
-from d3n.train.ddpm import build_scheduler, build_unet, unet_config
-from d3n.train.ddpm_train import DDPMTrainConfig, train_ddpm
-from d3n.train.featstore import FeatureStore
-from d3n.train.repo_build import RepoBuildConfig, build_repo, parse_timesteps
+from d3n.train.ddpm import features
+from d3n.train.ddpm.model import build_scheduler, build_unet, unet_config
+from d3n.train.ddpm.train import DDPMTrainConfig, train_ddpm
+from d3n.train.repository.store import FeatureStore
+from d3n.train.repository.build import RepoBuildConfig, build_repo, parse_timesteps
 
 torch.set_num_threads(1)  # tiny models: threads only contend on a shared CPU
 
@@ -208,7 +208,7 @@ def test_cli_repo_build_device_auto(setup, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU, reason="needs a CUDA device")
 def test_ddpm_train_and_repo_build_on_cuda(setup, tmp_path):
-    from d3n.train.ddpm import DDPM
+    from d3n.train.ddpm.model import DDPM
 
     data, _ = setup
     run = tmp_path / "ddpm"

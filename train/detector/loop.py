@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from d3n.artifacts import save_with
 from d3n.config import StrictModel
-from d3n.train.detdata import AugmentConfig, DetectionDataset, collate, seed_worker
+from d3n.train.detector.data import AugmentConfig, DetectionDataset, collate, seed_worker
 from d3n.train.device import Device, resolve_device
-from d3n.train.evaluate import evaluate, fitness
+from d3n.train.detector.evaluate import evaluate, fitness
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from tqdm import tqdm
 from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, write_json, write_yaml
 from d3n.config import StrictModel
 from d3n.errors import ArtifactError, ConfigError
-from d3n.train.compress import COMPRESSOR, reconstruction_metrics, save_compressor
+from d3n.train.repository.compress import COMPRESSOR, reconstruction_metrics, save_compressor
 from d3n.train.device import Device, identity, resolve_device, to_cpu
-from d3n.train.featstore import INDEX, FeatureStore
-from d3n.train.pca import PCADecoder, PCAEncoder, fit_pca
-from d3n.train.resvae import ResVAE, ResVAEDecoder, ResVAEEncoder
+from d3n.train.repository.store import INDEX, FeatureStore
+from d3n.train.repository.pca import PCADecoder, PCAEncoder, fit_pca
+from d3n.train.repository.resvae import ResVAE, ResVAEDecoder, ResVAEEncoder
 
 
 class CompressorTrainConfig(StrictModel):

@@ -31,10 +31,10 @@ from d3n.artifacts import (
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ConfigError
-from d3n.train.ddpm import DDPM, WEIGHTS, load_images
+from d3n.train.ddpm.model import DDPM, WEIGHTS, load_images
 from d3n.train.device import Device, identity, resolve_device
-from d3n.train.featstore import INDEX, FeatureStore, StoreWriter
-from d3n.train.features import DecoderFeatures
+from d3n.train.repository.store import INDEX, FeatureStore, StoreWriter
+from d3n.train.ddpm.features import DecoderFeatures
 
 DEFAULT_TIMESTEPS = (100, 150, 250)  # paper §III-B
 

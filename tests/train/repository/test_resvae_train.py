@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from d3n.errors import ArtifactError, ConfigError
-from d3n.train.compress import compress_repo, compress_run, load_decoder, load_encoder
-from d3n.train.featstore import FeatureStore, StoreWriter
-from d3n.train.resvae import ResVAE
-from d3n.train.resvae_train import CompressorTrainConfig, train_compressor
+from d3n.train.repository.compress import compress_repo, compress_run, load_decoder, load_encoder
+from d3n.train.repository.store import FeatureStore, StoreWriter
+from d3n.train.repository.resvae import ResVAE
+from d3n.train.repository.fit import CompressorTrainConfig, train_compressor
 
 torch.set_num_threads(1)  # tiny models: threads only contend on a shared CPU
 SHAPES = {"p3": (16, 8, 8), "p4": (32, 4, 4), "p5": (64, 2, 2)}
@@ -62,7 +62,7 @@ def test_round_trip_error_drops_with_training(repos, tmp_path):
 
 def test_pca_init_starts_at_pca(repos):
     store = repos["train"]
-    from d3n.train.resvae_train import _fit_pca
+    from d3n.train.repository.fit import _fit_pca
 
     pca = _fit_pca(store, "p4", list(range(len(store))), 4)
     vae = ResVAE(32, 4)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from d3n.cli import main
-from d3n.train import detector
-from d3n.train.loop import TrainConfig, train
+from d3n.train.detector import model as detector
+from d3n.train.detector.loop import TrainConfig, train
 
 TINY = {"imgsz": 128, "epochs": 1, "batch": 8, "workers": 0}
 
