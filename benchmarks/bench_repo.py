@@ -41,10 +41,10 @@ def serve(mode: str, out: Path, items: int, batch: int, threads: int) -> dict:
     import numpy as np
     import torch
 
-    from d3n.train.repository.compress import load_decoder
-    from d3n.train.ddpm.model import DDPM, load_images
-    from d3n.train.repository.store import FeatureStore
     from d3n.train.ddpm.features import DecoderFeatures
+    from d3n.train.ddpm.model import DDPM, load_images
+    from d3n.train.repository.compress import load_decoder
+    from d3n.train.repository.store import FeatureStore
 
     torch.set_num_threads(threads)
     raw = FeatureStore.open(out / "repo_train", verify=False)
@@ -98,11 +98,11 @@ def _serve_in_child(mode: str, args: argparse.Namespace) -> dict:
 def prepare(args: argparse.Namespace) -> dict:
     import torch
 
-    from d3n.train.repository.compress import compress_run, load_codecs, reconstruction_metrics
     from d3n.train.ddpm.train import DDPMTrainConfig, train_ddpm
-    from d3n.train.repository.store import FeatureStore
     from d3n.train.repository.build import RepoBuildConfig, build_repo
+    from d3n.train.repository.compress import compress_run, load_codecs, reconstruction_metrics
     from d3n.train.repository.fit import CompressorTrainConfig, train_compressor
+    from d3n.train.repository.store import FeatureStore
 
     torch.set_num_threads(args.threads)
     out, timings = args.out, {}

@@ -7,10 +7,10 @@ this module only loads and validates them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from d3n.errors import ConfigError
 
@@ -21,6 +21,50 @@ class StrictModel(BaseModel):
     """Base for d3n configs: unknown keys are an error (a typo must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PLACEMENT = {"placement": True}  # json_schema_extra marking a field that says where a run happens, not what it makes
+
+
+def placement(default: Any, **kw: Any) -> Any:
+    """A field that places a run (device, data-loader workers, inference batch) without changing its
+    artifact: it never enters a stage key or a resume check, so a chain moved from CPU to GPU, or
+    given more workers, recomputes nothing."""
+    return Field(default, json_schema_extra=PLACEMENT, **kw)
+
+
+def _is_placement(info: Any) -> bool:
+    extra = info.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("placement"))
+
+
+def _placement_exclude(cfg: BaseModel) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, info in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if _is_placement(info):
+            out[name] = True
+        elif isinstance(value, BaseModel) and (sub := _placement_exclude(value)):
+            out[name] = sub
+    return out
+
+
+def identity(cfg: BaseModel, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+    """A config as it defines the artifact: every placement field left out, at any depth. The one
+    input of stage keys and resume checks."""
+    return cfg.model_dump(mode=mode, exclude=_placement_exclude(cfg))
+
+
+def identity_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of the fields where two identities differ (for a refused resume's message)."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -99,8 +99,8 @@ def load_config(path: Path) -> PipelineConfig:
         if p is not None and not p.is_absolute():
             setattr(d, attr, (base / p).resolve())
     from d3n.distill.loss import DistillConfig
-    from d3n.train.teacher.fusion import FusionConfig
     from d3n.train.detector.loop import TrainConfig
+    from d3n.train.teacher.fusion import FusionConfig
 
     validate(TrainConfig, cfg.train, f"{path}: train")
     validate(FusionConfig, cfg.teacher.get("fusion", {}), f"{path}: teacher.fusion")
@@ -213,8 +213,8 @@ class Pipeline:
         return self.dir("data") / "dataset"
 
     def stage_ddpm(self) -> None:
+        from d3n.config import identity
         from d3n.train.ddpm.train import DDPMTrainConfig, train_ddpm
-        from d3n.train.device import identity
 
         s = self.cfg.ddpm
         dcfg = DDPMTrainConfig(data=str(self.data_dir), preset=s.preset, size=s.size, steps=s.steps, epochs=s.epochs,
@@ -237,7 +237,7 @@ class Pipeline:
         self._run_stage("repo", {"timesteps": self.cfg.ddpm.timesteps}, body)
 
     def stage_resvae(self) -> None:
-        from d3n.train.device import identity
+        from d3n.config import identity
         from d3n.train.repository.fit import CompressorTrainConfig, train_compressor
 
         c = self.cfg.compress

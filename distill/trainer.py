@@ -20,10 +20,10 @@ from d3n.distill.loss import DistillConfig, DistillLoss
 from d3n.errors import ArtifactError
 from d3n.train.detector import model as detector
 from d3n.train.detector.baseline import finish
-from d3n.train.teacher.features import FeatureProvider
-from d3n.train.device import resolve_device
 from d3n.train.detector.loop import TrainConfig, train
 from d3n.train.detector.profile import complexity
+from d3n.train.device import resolve_device
+from d3n.train.teacher.features import FeatureProvider
 from d3n.train.teacher.model import FusionTeacher
 
 

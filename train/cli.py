@@ -96,9 +96,9 @@ def _baseline(args) -> int:
 
 def _teacher(args) -> int:
     from d3n.config import validate
+    from d3n.train.detector.loop import TrainConfig
     from d3n.train.teacher import stage as teacher
     from d3n.train.teacher.fusion import FusionConfig
-    from d3n.train.detector.loop import TrainConfig
 
     tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
     fusion = validate(FusionConfig, fusion_overrides(args.fusion, args.fusion_off), "--fusion/--fusion-off")

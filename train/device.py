@@ -1,18 +1,19 @@
 """The `--device` option shared by every training command: cpu, cuda, cuda:N or auto.
 
 The spelling is checked when a config is validated; whether a GPU exists is decided where the run
-happens, with a clear error instead of torch's lazy CUDA-init traceback. `identity` and `to_cpu`
-keep runs independent of the device they ran on.
+happens, with a clear error instead of torch's lazy CUDA-init traceback. `to_cpu` keeps
+checkpoints loadable on any device; a `Device` field is a placement field (d3n.config.placement).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import torch
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, Field
 
+from d3n.config import PLACEMENT
 from d3n.errors import ConfigError
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N or auto (cuda if available, else cpu)"
@@ -25,7 +26,8 @@ def check_device(name: str) -> str:
     return name
 
 
-Device = Annotated[str, AfterValidator(check_device)]  # a plain str field, spelling checked
+# a plain str field, spelling checked; a placement field, so it never enters a stage key or a resume check
+Device = Annotated[str, AfterValidator(check_device), Field(json_schema_extra=PLACEMENT)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,12 +49,6 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError(f"device '{name}' is not available: torch sees {n} CUDA device(s), "
                               f"cuda:0 to cuda:{n - 1}")
     return dev
-
-
-def identity(cfg: BaseModel, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
-    """A config as it defines the artifact, for resume and up-to-date checks: `device` is left
-    out, so moving a run between CPU and GPU neither restarts it nor changes its fingerprint."""
-    return cfg.model_dump(mode=mode, exclude={"device"})
 
 
 def to_cpu(obj: Any) -> Any:

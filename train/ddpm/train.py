@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, save_with, write_json, write_yaml
-from d3n.config import StrictModel
+from d3n.config import StrictModel, identity
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ArtifactError, ConfigError
 from d3n.train.ddpm.model import (
@@ -33,7 +33,7 @@ from d3n.train.ddpm.model import (
     load_images,
     unet_config,
 )
-from d3n.train.device import Device, identity, resolve_device, to_cpu
+from d3n.train.device import Device, resolve_device, to_cpu
 
 CHECKPOINT = "checkpoint.pt"
 

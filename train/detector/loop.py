@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from d3n.artifacts import save_with
-from d3n.config import StrictModel
+from d3n.config import StrictModel, placement
 from d3n.train.detector.data import AugmentConfig, DetectionDataset, collate, seed_worker
-from d3n.train.device import Device, resolve_device
 from d3n.train.detector.evaluate import evaluate, fitness
+from d3n.train.device import Device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class TrainConfig(StrictModel):
     batch: int = 16
     device: Device = "cpu"  # cpu, cuda, cuda:N or auto
     seed: int = 0
-    workers: int = 2
+    workers: int = placement(2)  # data-loader processes: where the run happens, not what it makes
     optimizer: Literal["auto", "SGD", "AdamW"] = "auto"
     lr0: float = 0.01
     lrf: float = 0.01

@@ -28,13 +28,13 @@ from d3n.artifacts import (
     write_json,
     write_yaml,
 )
-from d3n.config import StrictModel
+from d3n.config import StrictModel, identity
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ConfigError
-from d3n.train.ddpm.model import DDPM, WEIGHTS, load_images
-from d3n.train.device import Device, identity, resolve_device
-from d3n.train.repository.store import INDEX, FeatureStore, StoreWriter
 from d3n.train.ddpm.features import DecoderFeatures
+from d3n.train.ddpm.model import DDPM, WEIGHTS, load_images
+from d3n.train.device import Device, resolve_device
+from d3n.train.repository.store import INDEX, FeatureStore, StoreWriter
 
 DEFAULT_TIMESTEPS = (100, 150, 250)  # paper §III-B
 

@@ -24,9 +24,9 @@ from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, sav
 from d3n.config import StrictModel, validate
 from d3n.errors import ArtifactError
 from d3n.train.device import Device, resolve_device
-from d3n.train.repository.store import INDEX, FeatureStore, StoreWriter
 from d3n.train.repository.pca import PCADecoder, PCAEncoder
 from d3n.train.repository.resvae import ResVAE, ResVAEDecoder, ResVAEEncoder
+from d3n.train.repository.store import INDEX, FeatureStore, StoreWriter
 
 COMPRESSOR = "compressor.pt"
 METHODS = ("resvae", "pca")

@@ -21,13 +21,13 @@ import torch
 from tqdm import tqdm
 
 from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, write_json, write_yaml
-from d3n.config import StrictModel
+from d3n.config import StrictModel, identity
 from d3n.errors import ArtifactError, ConfigError
+from d3n.train.device import Device, resolve_device, to_cpu
 from d3n.train.repository.compress import COMPRESSOR, reconstruction_metrics, save_compressor
-from d3n.train.device import Device, identity, resolve_device, to_cpu
-from d3n.train.repository.store import INDEX, FeatureStore
 from d3n.train.repository.pca import PCADecoder, PCAEncoder, fit_pca
 from d3n.train.repository.resvae import ResVAE, ResVAEDecoder, ResVAEEncoder
+from d3n.train.repository.store import INDEX, FeatureStore
 
 
 class CompressorTrainConfig(StrictModel):

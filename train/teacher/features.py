@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from d3n.errors import ArtifactError
-from d3n.train.teacher.align import warp_pieces
 from d3n.train.repository.compress import load_decoder
 from d3n.train.repository.store import FeatureStore
+from d3n.train.teacher.align import warp_pieces
 
 LEVELS = ("p3", "p4", "p5")
 STRIDES = {"p3": 8, "p4": 16, "p5": 32}

@@ -16,12 +16,12 @@ from d3n.artifacts import CONFIG, METRICS, Manifest, atomic_path, write_json, wr
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ArtifactError
-from d3n.train.teacher.features import FeatureProvider
-from d3n.train.device import resolve_device
-from d3n.train.teacher.fusion import FusionConfig
 from d3n.train.detector.loop import TrainConfig, train
 from d3n.train.detector.plots import plot_history, plot_per_class
 from d3n.train.detector.profile import count_params, teacher_complexity
+from d3n.train.device import resolve_device
+from d3n.train.teacher.features import FeatureProvider
+from d3n.train.teacher.fusion import FusionConfig
 from d3n.train.teacher.model import FusionTeacher, TeacherConfig
 
 

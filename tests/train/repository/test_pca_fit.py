@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from d3n.train.repository.compress import load_decoder, load_encoder, reconstruction_metrics
-from d3n.train.repository.store import FeatureStore, StoreWriter
-from d3n.train.repository.pca import ChannelMoments, PCADecoder, PCAEncoder, fit_pca
 from d3n.train.repository.fit import CompressorTrainConfig, latent_sizes, train_compressor
+from d3n.train.repository.pca import ChannelMoments, PCADecoder, PCAEncoder, fit_pca
+from d3n.train.repository.store import FeatureStore, StoreWriter
 
 
 def _low_rank(rng, n, ch, rank, hw=6, seed=0):

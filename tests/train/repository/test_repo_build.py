@@ -13,8 +13,8 @@ from d3n.errors import ArtifactError
 from d3n.train.ddpm import features
 from d3n.train.ddpm.model import build_scheduler, build_unet, unet_config
 from d3n.train.ddpm.train import DDPMTrainConfig, train_ddpm
-from d3n.train.repository.store import FeatureStore
 from d3n.train.repository.build import RepoBuildConfig, build_repo, parse_timesteps
+from d3n.train.repository.store import FeatureStore
 
 torch.set_num_threads(1)  # tiny models: threads only contend on a shared CPU
 

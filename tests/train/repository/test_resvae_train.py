@@ -9,9 +9,9 @@ import torch
 
 from d3n.errors import ArtifactError, ConfigError
 from d3n.train.repository.compress import compress_repo, compress_run, load_decoder, load_encoder
-from d3n.train.repository.store import FeatureStore, StoreWriter
-from d3n.train.repository.resvae import ResVAE
 from d3n.train.repository.fit import CompressorTrainConfig, train_compressor
+from d3n.train.repository.resvae import ResVAE
+from d3n.train.repository.store import FeatureStore, StoreWriter
 
 torch.set_num_threads(1)  # tiny models: threads only contend on a shared CPU
 SHAPES = {"p3": (16, 8, 8), "p4": (32, 4, 4), "p5": (64, 2, 2)}

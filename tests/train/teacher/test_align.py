@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d3n.train.teacher.align import warp_pieces
 from d3n.train.detector.data import AugmentConfig, DetectionDataset
+from d3n.train.teacher.align import warp_pieces
 
 
 def image_features(img_chw: torch.Tensor, size: int) -> torch.Tensor:
