@@ -20,7 +20,8 @@ from d3n.errors import D3NError
 COMMAND_MODULES = (
     "d3n.data.cli",  # d3n data import|check|synth
     "d3n.train.cli",  # d3n train baseline, d3n val, d3n teacher
-    "d3n.train.repository.cli",  # d3n ddpm, d3n repo, d3n resvae (stage 1: feature repository)
+    "d3n.train.ddpm.cli",  # d3n ddpm train (stage 1: the DDPM)
+    "d3n.train.repository.cli",  # d3n repo, d3n resvae (stage 1: feature repository)
     "d3n.distill.cli",  # d3n distill
     "d3n.pipeline_cli",  # d3n pipeline, d3n demo
     "d3n.export.cli",  # d3n export, d3n bench

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from d3n.artifacts import MANIFEST, METRICS, atomic_path, write_json, write_text
+from d3n.stages import STAGES
 
-MODELS = (("baseline", "baseline"), ("teacher", "teacher"), ("student", "distill"))
 ROWS = ("mAP50", "mAP50-95", "precision", "recall")
 
 
@@ -16,14 +16,9 @@ def _load(path: Path) -> dict | None:
 
 
 def collect(out: Path) -> dict:
-    models = {name: m for name, stage in MODELS if (m := _load(out / stage / METRICS))}
-    from d3n.pipeline import STAGES
-
-    stages = {}
-    for name in STAGES:
-        man = _load(out / name / MANIFEST)
-        if man:
-            stages[name] = man.get("seconds")
+    """The detectors' metrics (the registry's stages that train one) and every stage's time."""
+    models = {s.model: m for s in STAGES if s.model and (m := _load(out / s.name / METRICS))}
+    stages = {s.name: man.get("seconds") for s in STAGES if (man := _load(out / s.name / MANIFEST))}
     return {"models": models, "stage_seconds": stages}
 
 

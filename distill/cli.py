@@ -7,12 +7,12 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from d3n.stage import add_inputs
+    from d3n.stages import get
     from d3n.train.cli import add_train_args
 
     p = sub.add_parser("distill", help="distil the fusion teacher into a plain YOLOv5s student (Eqs. 6-7)")
-    p.add_argument("--teacher", type=Path, required=True, help="teacher run's best.pt")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--repo", type=Path, required=True, help="compressed repository of the train split")
+    add_inputs(p, get("distill"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resvae", type=Path, help="compressor run (default: recorded in the repository)")
     p.add_argument("--config", type=Path, help="YAML with train settings (TrainConfig keys)")
@@ -25,14 +25,16 @@ def _distill(args) -> int:
     from d3n.config import validate
     from d3n.distill import trainer
     from d3n.distill.loss import DistillConfig
+    from d3n.stage import execute, inputs_from_args
+    from d3n.stages import get
     from d3n.train.cli import train_overrides
     from d3n.train.detector.loop import TrainConfig
 
     tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
     dcfg = DistillConfig() if args.weight is None else DistillConfig(weight=args.weight)
-    cfg = trainer.DistillStageConfig(teacher=args.teacher, data=args.data, repo=args.repo, out=args.out,
-                                     resvae=args.resvae, distill=dcfg, train=tcfg)
-    m = trainer.run(cfg)
+    stage = get("distill")
+    m = execute(stage, trainer.Config(resvae=args.resvae, distill=dcfg, train=tcfg), inputs_from_args(stage, args),
+                args.out)
     print(f"student: mAP50 {m['mAP50']:.3f}  mAP50-95 {m['mAP50-95']:.3f}  params {m['params']:,} "
           f"(baseline {m['baseline_params']:,})  -> {args.out / 'best.pt'}")
     return 0

@@ -2,7 +2,7 @@
 
 The student is exactly the baseline's architecture and trains with the baseline's loop, schedule
 and seed; the only difference is Eq. 7's teacher terms added to its ground-truth loss. The
-teacher is frozen in eval mode (BatchNorm statistics fixed, DESIGN.md), runs in the same step on
+teacher is frozen in eval mode (BatchNorm statistics fixed: a teacher left in train mode under no_grad drifts), runs in the same step on
 the same augmented batch (its DDPM features warped with that batch's augmentation), and is never
 part of the student's checkpoint. The student is evaluated on the plain dataloader.
 """
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from d3n.artifacts import CONFIG, METRICS, Manifest, read_json, write_json, write_yaml
+from d3n.artifacts import METRICS, read_json, write_json
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.distill.loss import DistillConfig, DistillLoss
 from d3n.errors import ArtifactError
 from d3n.train.detector import model as detector
-from d3n.train.detector.baseline import finish
+from d3n.train.detector.baseline import finish, train_args
 from d3n.train.detector.loop import TrainConfig, train
 from d3n.train.detector.profile import complexity
 from d3n.train.device import resolve_device
@@ -27,14 +27,17 @@ from d3n.train.teacher.features import FeatureProvider
 from d3n.train.teacher.model import FusionTeacher
 
 
-class DistillStageConfig(StrictModel):
-    teacher: Path  # the teacher run's best.pt
-    data: Path
-    repo: Path  # compressed repository of the train split (the teacher's input)
-    out: Path
+class Config(StrictModel):
     resvae: Path | None = None  # compressor run; default: the one recorded in the repository
     distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig()
+
+
+DistillStageConfig = Config
+
+
+def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
+    return Config(distill=pcfg.distill, train=pcfg.train)
 
 
 class DistillTask:
@@ -67,34 +70,26 @@ class DistillTask:
         detector.save(model, path, self.train_args, metrics)
 
 
-def run(cfg: DistillStageConfig) -> dict:
-    layout = DatasetLayout.open(cfg.data)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump = cfg.model_dump(mode="json")
-    write_yaml(out / CONFIG, dump)
-    manifest = Manifest(out, "distill", {"data": str(layout.root), "teacher": str(cfg.teacher),
-                                         "repo": str(cfg.repo)}, dump)
+def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    layout = DatasetLayout.open(inputs["data"])
+    teacher_ckpt, repo = inputs["teacher"], inputs["repo"]
     device = resolve_device(cfg.train.device)
-    teacher = FusionTeacher.load(cfg.teacher).to(device)
+    teacher = FusionTeacher.load(teacher_ckpt).to(device)
     if teacher.config.nc != layout.nc:
-        raise ArtifactError(f"{cfg.teacher}: teacher has {teacher.config.nc} classes, {layout.yaml_path} has {layout.nc}")
-    features = FeatureProvider([cfg.repo], cfg.resvae, device=str(device))
+        raise ArtifactError(f"{teacher_ckpt}: teacher has {teacher.config.nc} classes, {layout.yaml_path} has {layout.nc}")
+    features = FeatureProvider([repo], cfg.resvae, device=str(device))
     if features.channels != teacher.config.ddpm_channels:
-        raise ArtifactError(f"{cfg.repo}: decodes to {features.channels} channels, teacher {cfg.teacher} "
+        raise ArtifactError(f"{repo}: decodes to {features.channels} channels, teacher {teacher_ckpt} "
                             f"was trained on {teacher.config.ddpm_channels}")
     student = detector.build(layout.nc, list(layout.names))
-    train_args = {"model": detector.ARCH, "data": str(layout.yaml_path), "imgsz": cfg.train.imgsz,
-                  "epochs": cfg.train.epochs, "batch": cfg.train.batch, "seed": cfg.train.seed}
-    task = DistillTask(student, teacher, features, cfg.train.imgsz, DistillLoss(cfg.distill), train_args)
-    with manifest.timed("train"):
-        best = train(task, cfg.train, layout.root, out, list(layout.names))
+    args = train_args(layout, cfg.train)
+    task = DistillTask(student, teacher, features, cfg.train.imgsz, DistillLoss(cfg.distill), args)
+    best = train(task, cfg.train, layout.root, out, list(layout.names))
     metrics = finish(out, best, student, cfg.train, "student")
     metrics.update(same_size_check(student, layout, cfg.train.imgsz))
-    metrics["teacher"] = _teacher_summary(cfg.teacher)
+    metrics["teacher"] = _teacher_summary(teacher_ckpt)
     metrics["distill"] = cfg.distill.model_dump()
     write_json(out / METRICS, metrics)
-    manifest.complete(["best.pt", METRICS])
     return metrics
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from d3n.stage import add_inputs, execute, inputs_from_args
+from d3n.stages import get
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a detector")
     tsub = p.add_subparsers(dest="train_cmd", metavar="WHAT")
     b = tsub.add_parser("baseline", help="train the plain YOLOv5s baseline")
-    b.add_argument("--data", type=Path, required=True, help="dataset folder with data.yaml")
+    add_inputs(b, get("baseline"))
     b.add_argument("--out", type=Path, required=True, help="run folder to write")
     b.add_argument("--config", type=Path, help="YAML with train settings (TrainConfig keys)")
     b.add_argument("--weights", type=Path, help="initial weights (default: from scratch)")
@@ -21,9 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("teacher", help="the D3N fusion teacher")
     tt = t.add_subparsers(dest="teacher_cmd", metavar="WHAT")
     tr = tt.add_parser("train", help="train YOLOv5s fused with DDPM features at P3/P4/P5")
-    tr.add_argument("--data", type=Path, required=True)
-    tr.add_argument("--repo", type=Path, required=True, help="compressed repository of the train split")
-    tr.add_argument("--val-repo", type=Path, required=True, help="compressed repository of the val split")
+    add_inputs(tr, get("teacher"))
     tr.add_argument("--resvae", type=Path, help="compressor run (default: recorded in the repository)")
     tr.add_argument("--out", type=Path, required=True)
     tr.add_argument("--config", type=Path, help="YAML with train settings (TrainConfig keys)")
@@ -87,8 +88,8 @@ def _baseline(args) -> int:
     from d3n.train.detector.loop import TrainConfig
 
     tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
-    cfg = baseline.BaselineConfig(data=args.data, out=args.out, weights=args.weights, train=tcfg)
-    m = baseline.run(cfg)
+    m = execute(get("baseline"), baseline.Config(weights=args.weights, train=tcfg), inputs_from_args(get("baseline"), args),
+                args.out)
     print(f"baseline: mAP50 {m['mAP50']:.3f}  mAP50-95 {m['mAP50-95']:.3f}  params {m['params']:,}  "
           f"GFLOPs {m['gflops']:.2f} @ {m['imgsz']} -> {args.out / 'best.pt'}")
     return 0
@@ -102,9 +103,9 @@ def _teacher(args) -> int:
 
     tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
     fusion = validate(FusionConfig, fusion_overrides(args.fusion, args.fusion_off), "--fusion/--fusion-off")
-    cfg = teacher.TeacherStageConfig(data=args.data, repo=args.repo, val_repo=args.val_repo, out=args.out,
-                                     resvae=args.resvae, fusion=fusion, train=tcfg)
-    m = teacher.run(cfg)
+    stage = get("teacher")
+    m = execute(stage, teacher.Config(resvae=args.resvae, fusion=fusion, train=tcfg), inputs_from_args(stage, args),
+                args.out)
     print(f"teacher: mAP50 {m['mAP50']:.3f}  mAP50-95 {m['mAP50-95']:.3f}  branch weights {m['branch_weights']}"
           f"  -> {args.out / 'best.pt'}")
     return 0

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from d3n.cli import main
-from d3n.pipeline import STAGES, load_config
+from d3n.pipeline import load_config
+from d3n.stages import NAMES as STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,6 +78,19 @@ def test_rerun_skips_finished_stages(micro_pipeline, capsys):
     assert all(v.startswith("skipped") for v in status.values()), status
 
 
+def test_other_device_or_workers_rerun_nothing(micro_pipeline, tmp_path):
+    """Placement fields never enter a stage key: a chain started on one device with one worker
+    count and continued with another reruns nothing (it used to retrain all three detectors)."""
+    cfg, out = micro_pipeline
+    data = yaml.safe_load(cfg.read_text())
+    data["train"] = {**data["train"], "device": "auto", "workers": 1}
+    moved = tmp_path / "placed.yaml"
+    moved.write_text(yaml.safe_dump(data))
+    assert main(["pipeline", str(moved)]) == 0
+    status = json.loads((out / "report.json").read_text())["status"]
+    assert all(v.startswith("skipped") for v in status.values()), status
+
+
 def test_moved_run_folder_stays_up_to_date(micro_pipeline, tmp_path):
     """A run folder copied elsewhere (another disk, another machine) is not recomputed."""
     import shutil
@@ -129,7 +143,7 @@ def test_killed_stage_resumes_and_changed_config_reruns(micro_pipeline, tmp_path
 @pytest.mark.parametrize("name", ["demo.yaml", "neu-det.yaml", "neu-det-cpu.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / name)
-    assert cfg.train["imgsz"] % 32 == 0
+    assert cfg.train.imgsz % 32 == 0
 
 
 def test_bad_config_names_file_and_field(tmp_path, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from d3n.artifacts import CONFIG, METRICS, Manifest, write_json, write_yaml
+from d3n.artifacts import METRICS, write_json
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.train.detector import model as detector
@@ -13,31 +13,32 @@ from d3n.train.detector.plots import plot_history, plot_per_class
 from d3n.train.detector.profile import complexity
 
 
-class BaselineConfig(StrictModel):
-    data: Path
-    out: Path
+class Config(StrictModel):
     weights: Path | None = None  # start from these weights instead of scratch
     train: TrainConfig = TrainConfig()
 
 
-def run(cfg: BaselineConfig) -> dict:
-    layout = DatasetLayout.open(cfg.data)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_dump = cfg.model_dump(mode="json")
-    write_yaml(out / CONFIG, cfg_dump)
-    inputs = {"data": str(layout.root)} | ({"weights": str(cfg.weights)} if cfg.weights else {})
-    manifest = Manifest(out, "baseline", inputs, cfg_dump)
+BaselineConfig = Config
+
+
+def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
+    return Config(train=pcfg.train)
+
+
+def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    layout = DatasetLayout.open(inputs["data"])
     model = detector.build(layout.nc, list(layout.names))
     if cfg.weights:
         detector.weights_from(cfg.weights, model)
-    train_args = {"model": detector.ARCH, "data": str(layout.yaml_path), "imgsz": cfg.train.imgsz,
-                  "epochs": cfg.train.epochs, "batch": cfg.train.batch, "seed": cfg.train.seed}
-    with manifest.timed("train"):
-        best = train(detector.DetectorTask(model, train_args), cfg.train, layout.root, out, list(layout.names))
-    metrics = finish(out, best, model, cfg.train, "baseline")
-    manifest.complete(["best.pt", METRICS])
-    return metrics
+    best = train(detector.DetectorTask(model, train_args(layout, cfg.train)), cfg.train, layout.root, out,
+                 list(layout.names))
+    return finish(out, best, model, cfg.train, "baseline")
+
+
+def train_args(layout: DatasetLayout, tcfg: TrainConfig) -> dict:
+    """What an ultralytics checkpoint records of its training (baseline and student alike)."""
+    return {"model": detector.ARCH, "data": str(layout.yaml_path), "imgsz": tcfg.imgsz, "epochs": tcfg.epochs,
+            "batch": tcfg.batch, "seed": tcfg.seed}
 
 
 def finish(out: Path, best: dict, model, tcfg: TrainConfig, title: str) -> dict:

@@ -1,4 +1,4 @@
-"""Stage-1 commands: `d3n ddpm train`, `d3n repo build|compress`, `d3n resvae train`.
+"""Repository commands: `d3n repo build|compress` (one split, as tools) and `d3n resvae train` (the stage).
 
 Only argparse at import time; torch and diffusers are imported inside the handlers.
 """
@@ -7,28 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
-def _add_device(p: argparse.ArgumentParser) -> None:
+def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N, or auto (cuda if available, else cpu); default cpu")
 
 
-def _print(metrics: dict) -> None:
+def print_metrics(metrics: dict) -> None:
     keep = {k: v for k, v in metrics.items() if not k.endswith("_curve") and k != "held_out_images"}
     print(json.dumps(keep, indent=2, default=str)[:4000])
-
-
-def _ddpm_train(args: argparse.Namespace) -> int:
-    from d3n.config import validate
-    from d3n.train.ddpm.train import DDPMTrainConfig, train_ddpm
-
-    fields = ("data", "preset", "size", "split", "steps", "epochs", "batch", "lr", "lr_min", "ema",
-              "ckpt_every", "seed", "device")
-    cfg = validate(DDPMTrainConfig, {k: getattr(args, k) for k in fields if getattr(args, k) is not None},
-                   "d3n ddpm train")
-    _print(train_ddpm(cfg, args.out))
-    return 0
 
 
 def _repo_build(args: argparse.Namespace) -> int:
@@ -37,7 +26,7 @@ def _repo_build(args: argparse.Namespace) -> int:
 
     data = {"ddpm": args.ddpm, "data": args.data, "split": args.split, "timesteps": parse_timesteps(args.timesteps),
             "shard_size": args.shard_size, "batch": args.batch, "device": args.device}
-    _print(build_repo(validate(RepoBuildConfig, data, "d3n repo build"), args.out))
+    print_metrics(build_repo(validate(RepoBuildConfig, data, "d3n repo build"), args.out))
     return 0
 
 
@@ -47,13 +36,15 @@ def _repo_compress(args: argparse.Namespace) -> int:
 
     data = {"repo": args.repo, "compressor": args.resvae, "method": args.method, "batch": args.batch,
             "device": args.device}
-    _print(compress_with(validate(RepoCompressConfig, data, "d3n repo compress"), args.out))
+    print_metrics(compress_with(validate(RepoCompressConfig, data, "d3n repo compress"), args.out))
     return 0
 
 
 def _resvae_train(args: argparse.Namespace) -> int:
     from d3n.config import validate
-    from d3n.train.repository.fit import CompressorTrainConfig, train_compressor
+    from d3n.stage import execute
+    from d3n.stages import get
+    from d3n.train.repository.fit import CompressorTrainConfig
 
     fields = ("repo", "method", "latent_channels", "epochs", "steps", "batch", "lr", "kl_weight", "hidden",
               "blocks", "holdout", "seed", "device")
@@ -61,28 +52,8 @@ def _resvae_train(args: argparse.Namespace) -> int:
                    "d3n resvae train")
     if args.no_pca_init:
         cfg.pca_init = False
-    _print(train_compressor(cfg, args.out))
+    print_metrics(execute(get("resvae"), cfg, {"repo": Path(cfg.repo)}, Path(args.out)))
     return 0
-
-
-def _ddpm_parser(sub) -> None:
-    p = sub.add_parser("ddpm", help="stage 1: DDPM pre-training").add_subparsers(dest="ddpm_cmd", metavar="CMD")
-    t = p.add_parser("train", help="train the DDPM on a split's images (resumes from its checkpoint)")
-    t.add_argument("--data", required=True, help="dataset folder or its data.yaml")
-    t.add_argument("--out", required=True, help="run folder")
-    t.add_argument("--preset", choices=("tiny", "paper"), help="UNet size (default tiny)")
-    t.add_argument("--size", type=int, help="DDPM input size (default 64)")
-    t.add_argument("--split", help="split to train on (default train)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--lr-min", dest="lr_min", type=float)
-    t.add_argument("--ema", type=float, help="EMA decay, 0 disables (default 0.999)")
-    t.add_argument("--ckpt-every", dest="ckpt_every", type=int)
-    t.add_argument("--seed", type=int)
-    _add_device(t)
-    t.set_defaults(func=_ddpm_train)
 
 
 def _repo_parser(sub) -> None:
@@ -95,7 +66,7 @@ def _repo_parser(sub) -> None:
     b.add_argument("--split", default="train")
     b.add_argument("--shard-size", dest="shard_size", type=int, default=64)
     b.add_argument("--batch", type=int, default=8)
-    _add_device(b)
+    add_device(b)
     b.set_defaults(func=_repo_build)
     c = p.add_parser("compress", help="write a repository's latents with a fitted compressor")
     c.add_argument("--repo", required=True, help="raw repository (any split)")
@@ -103,7 +74,7 @@ def _repo_parser(sub) -> None:
     c.add_argument("--out", required=True)
     c.add_argument("--method", choices=("resvae", "pca"), help="assert the compressor's method")
     c.add_argument("--batch", type=int, default=32)
-    _add_device(c)
+    add_device(c)
     c.set_defaults(func=_repo_compress)
 
 
@@ -125,11 +96,10 @@ def _resvae_parser(sub) -> None:
     t.add_argument("--holdout", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--no-pca-init", dest="no_pca_init", action="store_true")
-    _add_device(t)
+    add_device(t)
     t.set_defaults(func=_resvae_train)
 
 
 def register(sub) -> None:
-    _ddpm_parser(sub)
     _repo_parser(sub)
     _resvae_parser(sub)

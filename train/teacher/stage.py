@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from d3n.artifacts import CONFIG, METRICS, Manifest, atomic_path, write_json, write_yaml
+from d3n.artifacts import METRICS, atomic_path, write_json
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ArtifactError
@@ -25,14 +25,17 @@ from d3n.train.teacher.fusion import FusionConfig
 from d3n.train.teacher.model import FusionTeacher, TeacherConfig
 
 
-class TeacherStageConfig(StrictModel):
-    data: Path
-    repo: Path  # compressed repository of the train split
-    val_repo: Path  # the val split's repository, compressed with the same compressor
-    out: Path
+class Config(StrictModel):
     resvae: Path | None = None  # compressor run; default: the one recorded in the repository
     fusion: FusionConfig = FusionConfig()
     train: TrainConfig = TrainConfig()
+
+
+TeacherStageConfig = Config
+
+
+def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
+    return Config(fusion=pcfg.teacher.fusion, train=pcfg.train)
 
 
 class TeacherTask:
@@ -55,18 +58,13 @@ class TeacherTask:
         model.save(path, metrics={k: v for k, v in metrics.items() if k != "history"}, **self.extra)
 
 
-def run(cfg: TeacherStageConfig) -> dict:
-    layout = DatasetLayout.open(cfg.data)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump = cfg.model_dump(mode="json")
-    write_yaml(out / CONFIG, dump)
-    inputs = {"data": str(layout.root), "repo": str(cfg.repo), "val_repo": str(cfg.val_repo)}
-    manifest = Manifest(out, "teacher", inputs, dump)
-    features = FeatureProvider([cfg.repo, cfg.val_repo], cfg.resvae, device=str(resolve_device(cfg.train.device)))
+def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    layout = DatasetLayout.open(inputs["data"])
+    repo, val_repo = inputs["repo"], inputs["val_repo"]
+    features = FeatureProvider([repo, val_repo], cfg.resvae, device=str(resolve_device(cfg.train.device)))
     _check_coverage(features, layout)
     model = FusionTeacher(TeacherConfig(nc=layout.nc, ddpm_channels=features.channels, fusion=cfg.fusion))
-    extra = {"names": list(layout.names), "imgsz": cfg.train.imgsz, "repo": str(Path(cfg.repo).resolve()),
+    extra = {"names": list(layout.names), "imgsz": cfg.train.imgsz, "repo": str(Path(repo).resolve()),
              "compressor": str(features.compressor or "")}
     task = TeacherTask(model, features, cfg.train.imgsz, extra)
 
@@ -74,8 +72,7 @@ def run(cfg: TeacherStageConfig) -> dict:
         return {f"w_{lv}_{name}": w for lv, ws in m.branch_weights().items()
                 for name, w in zip(("cross", "det", "ddpm"), ws, strict=True)}
 
-    with manifest.timed("train"):
-        best = train(task, cfg.train, layout.root, out, list(layout.names), on_epoch=log_branches)
+    best = train(task, cfg.train, layout.root, out, list(layout.names), on_epoch=log_branches)
     history = best.pop("history", [])
     metrics = {k: best.get(k) for k in ("mAP50", "mAP50-95", "precision", "recall", "per_class_AP50")}
     metrics.update({"best_epoch": best.get("epoch"), "params": count_params(model),
@@ -89,7 +86,6 @@ def run(cfg: TeacherStageConfig) -> dict:
                  out / "results.png", "teacher")
     plot_per_class(metrics["per_class_AP50"] or {}, out / "per_class_ap50.png", "teacher: AP50 per class")
     plot_branch_weights(history, out / "branch_weights.png")
-    manifest.complete(["best.pt", METRICS])
     return metrics
 
 

@@ -1,0 +1,56 @@
+"""The `data` stage: the dataset every later stage reads, imported (VOC / YOLO / COCO) or synthesised."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from d3n.artifacts import fingerprint
+from d3n.config import StrictModel
+
+
+class SynthSpec(StrictModel):
+    images: int = 240
+    size: int = 256
+    seed: int = 0
+    val_frac: float = 0.2
+
+
+class Config(StrictModel):
+    synth: SynthSpec | None = None  # generate the synthetic defect dataset, or
+    source: Path | None = None  # import this dataset (VOC / YOLO / COCO)
+    format: Literal["voc", "yolo", "coco"] | None = None
+    splits: Path | None = None  # folder with train.txt / val.txt stems
+    val_frac: float = 0.2
+    seed: int = 0
+    skip_bad: bool = False
+
+
+DataSpec = Config  # the pipeline config's `data:` section is this stage's config
+
+
+def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
+    return pcfg.data
+
+
+def external(cfg: Config) -> dict:
+    """An imported dataset is read from outside the run folder: its content is part of the key."""
+    return {"source": fingerprint(cfg.source)} if cfg.source is not None else {}
+
+
+def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    target = out / "dataset"
+    if target.exists():  # an import or synth killed half-way: redo it
+        shutil.rmtree(target)
+    if cfg.synth is not None:
+        from d3n.data.synth import generate
+
+        s = cfg.synth
+        generate(target, images=s.images, size=s.size, seed=s.seed, val_frac=s.val_frac)
+    else:
+        from d3n.data.importer import import_dataset
+
+        import_dataset(cfg.source, target, fmt=cfg.format, splits=cfg.splits, val_frac=cfg.val_frac,
+                       seed=cfg.seed, skip_bad=cfg.skip_bad)
+    return {}

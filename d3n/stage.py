@@ -1,0 +1,120 @@
+"""The stage contract: what every step of the D3N chain declares, and the one runner that executes it.
+
+A stage is one module that defines
+
+- `Config`: its typed config (a pydantic model; placement fields such as `device` and `workers`
+  are marked with `d3n.config.placement` or the `Device` type and never enter its key);
+- `from_pipeline(pcfg, inputs) -> Config`: its config built from the pipeline config;
+- `run(config, inputs, out) -> dict`: reads the artifacts named in `inputs`, writes its own into
+  the run folder `out`, returns its metrics;
+- optionally `external(config) -> dict`: fingerprints of files outside the run folder that it
+  reads (a dataset to import), so that a change of them reruns it;
+- optionally `writes(config) -> list[str]`: its outputs when they depend on the config;
+- optionally `OWN_MANIFEST = True`: its run writes `config.yaml` and a complete manifest itself
+  (the resumable stage-1 tools, which check their own with `is_complete` to resume or skip).
+
+The registry (`d3n/stages.py`) lists the stages in chain order with the artifacts each reads
+(`Input`: another stage's file or folder) and writes. `d3n pipeline`, the per-stage commands and
+the report all go through it, and `execute` below writes every stage's `config.yaml` and manifest,
+so adding a stage is one module and one registry line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from d3n.artifacts import CONFIG, MANIFEST, Manifest, fingerprint, is_complete, write_yaml
+from d3n.config import identity
+from d3n.errors import ArtifactError
+
+
+@dataclass(frozen=True)
+class Input:
+    """An artifact a stage reads: `path` inside the run folder of `stage` ("." for the folder)."""
+
+    stage: str
+    path: str = "."
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # imported only when the stage runs: the registry stays light (no torch)
+    reads: dict[str, Input] = field(default_factory=dict)
+    writes: tuple[str, ...] = ()  # files the manifest fingerprints, relative to the run folder
+    model: str | None = None  # the report's column for a stage that trains a detector
+    help: str = ""
+
+    def impl(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def upstream(self) -> list[str]:
+        return sorted({i.stage for i in self.reads.values()})
+
+
+def portable(value: Any, root: Path) -> Any:
+    """Paths inside the run folder written relative to it, so a moved or copied run keeps its keys
+    (the content of those paths is in the key already, through the upstream manifests)."""
+    if isinstance(value, dict):
+        return {k: portable(v, root) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v, root) for v in value]
+    if isinstance(value, str | Path) and Path(value).is_absolute():
+        path, base = Path(value).resolve(), root.resolve()
+        if path.is_relative_to(base):
+            return "$OUT/" + path.relative_to(base).as_posix()
+    return value
+
+
+def stage_key(stage: Stage, config: Any, root: Path) -> str:
+    """The one place a stage key is computed: the config's identity (no placement fields), the
+    fingerprints of the external files it reads, and the manifests of the stages it reads."""
+    impl = stage.impl()
+    external = impl.external(config) if hasattr(impl, "external") else {}
+    upstream = {s: fingerprint(root / s / MANIFEST) for s in stage.upstream()}
+    blob = json.dumps({"stage": stage.name, "config": portable(identity(config, mode="json"), root),
+                       "external": external, "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def execute(stage: Stage, config: Any, inputs: dict[str, Path], out: Path) -> dict:
+    """Run one stage into `out`: its resolved config, the run, the manifest written last."""
+    missing = [f"{name} ({path})" for name, path in inputs.items() if not Path(path).exists()]
+    if missing:
+        raise ArtifactError(f"stage '{stage.name}': input(s) not found: {', '.join(missing)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    impl = stage.impl()
+    inputs = {k: Path(v) for k, v in inputs.items()}
+    writes = list(impl.writes(config)) if hasattr(impl, "writes") else list(stage.writes)
+    if getattr(impl, "OWN_MANIFEST", False):
+        metrics = impl.run(config, inputs, out)
+        if not is_complete(out):
+            raise ArtifactError(f"{out}: stage '{stage.name}' finished without a complete {MANIFEST}")
+        return metrics
+    write_yaml(out / CONFIG, config)
+    manifest = Manifest(out, stage.name, {k: str(v) for k, v in inputs.items()}, identity(config, mode="json"))
+    with manifest.timed("run"):
+        metrics = impl.run(config, inputs, out)
+    manifest.complete(writes)
+    return metrics
+
+
+def add_inputs(parser: argparse.ArgumentParser, stage: Stage) -> None:
+    """One required `--NAME PATH` option per artifact the stage reads (the per-stage commands)."""
+    for name, inp in stage.reads.items():
+        where = f"{inp.stage} run folder" if inp.path == "." else f"{inp.stage}'s {inp.path}"
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True,
+                            help=inp.help or f"the {where}")
+
+
+def inputs_from_args(stage: Stage, args: argparse.Namespace) -> dict[str, Path]:
+    return {name: Path(getattr(args, name)) for name in stage.reads}

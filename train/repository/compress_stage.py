@@ -1,0 +1,28 @@
+"""The `compress` stage: every split's repository written as latents of the fitted compressor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from d3n.config import StrictModel, placement
+from d3n.train.device import Device
+from d3n.train.repository.compress import compress_run
+
+
+class Config(StrictModel):
+    splits: list[str] = ["train", "val"]
+    batch: int = placement(32)
+    device: Device = "cpu"
+
+
+def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
+    return Config(device=pcfg.device)
+
+
+def writes(cfg: Config) -> list[str]:
+    return [f"{s}/manifest.json" for s in cfg.splits]
+
+
+def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    return {split: compress_run(inputs["repo"] / split, inputs["resvae"], out / split, batch=cfg.batch,
+                                device=cfg.device) for split in cfg.splits}
