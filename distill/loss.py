@@ -1,34 +1,36 @@
 """Distillation loss, paper Eqs. 6-7, on ultralytics' anchor-free YOLOv5s head (§III-D, Fig. 7).
 
 Eq. 7 was written for the anchor-based YOLOv5 head with an objectness output. The ultralytics
-`yolov5s.yaml` head has none: per location it predicts box distribution logits (4 * reg_max,
-DFL) and class logits (nc). The mapping (DESIGN.md "Mapping"):
+`yolov5s.yaml` head has none: per location it predicts box distribution logits (4 sides x reg_max
+DFL bins) and independent class logits (nc sigmoids). The mapping (docs/design.md, "Eq. 7 on the
+anchor-free head"), in the default `terms: kl`:
 
-- o^T := the teacher's maximum class probability per location, max_c sigmoid(teacher logit_c);
-- objectness term (always, unscaled): L2 between the student's and the teacher's max-class
-  logits, i.e. the anchor-free stand-in for the objectness logit;
-- class term: L2 between the class logits, each location scaled by o^T (background ignored);
-- box term: L2 between the box distribution logits, each location scaled by o^T.
+- o^T := the teacher's objectness stand-in, its top class probability max_c sigmoid(t_c);
+- objectness term (every location, unscaled): the Bernoulli KL between the teacher's and the
+  student's top class probability, so the student learns *where* the teacher sees a defect;
+- class term (scaled by o^T, background ignored): per class, the Bernoulli KL between
+  sigmoid(t_c / T) and sigmoid(s_c / T), times T^2. T softens the targets and acts (at T -> inf
+  it tends to the logit L2 / 8, at T = 1 it is the plain KL of the two heads' probabilities);
+- box term (scaled by o^T): per side, the KL between the teacher's and the student's DFL bin
+  distributions, softmax(logits / T_box), times T_box^2 (localisation distillation). A softmax is
+  shift-invariant, so this compares what the head decodes, not its raw logits.
 
-Following the public YOLOv5 output-distillation practice (`compute_distillation_output_loss`:
-MSE per output, teacher-objectness scaling, T = 20, `distill_ratio` = 0.5, total multiplied by
-the batch size like the detection loss), each term is a plain mean over its elements.
+Every term is zero when the student equals the teacher and pulls the student towards it
+otherwise. `terms: l2` keeps the paper's literal reading for ablation: L2 between logits (the
+max-class logit for objectness, class logits, DFL logits); there the temperature cancels and the
+box L2 over-constrains the softmax-invariant logits.
 
-Temperature (paper: L2, T = 20): logits are divided by T and the L2 is multiplied by T^2, the
-usual factor that keeps gradient magnitudes independent of T. For an L2 on logits the two cancel
-exactly, so T changes nothing here (softening only matters for a softmax/KL loss); the factor is
-kept explicit so the paper's setting reads off the code and the config.
-
-The teacher's outputs are detached: gradients reach the student only. This module returns
-lambda x (distillation terms); the trainer adds it to the student's ground-truth loss
-(Eq. 7's loss(gt, s) parts), or passes `gt_loss` to get the sum.
+Each term is a mean over locations (and classes / sides); the sum, times lambda and the batch size
+(as ultralytics' detection loss), is added to the student's ground-truth loss. The teacher's
+outputs are detached: gradients reach the student only.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from d3n.config import StrictModel
@@ -36,11 +38,13 @@ from d3n.config import StrictModel
 
 class DistillConfig(StrictModel):
     weight: float = Field(0.5, ge=0)  # lambda in Eq. 7; 0.5 = distill_ratio of public YOLOv5 distillation
-    temperature: float = Field(20.0, gt=0)  # paper §IV-A: L2 logit distillation, T = 20
+    terms: Literal["kl", "l2"] = "kl"  # kl: each term respects its head's probabilities; l2: the paper's logit L2
+    temperature: float = Field(1.0, gt=0)  # class term softening (kl); cancels in l2 (paper: T = 20 on an L2)
+    box_temperature: float = Field(1.0, gt=0)  # DFL distribution softening (kl)
     obj_gain: float = Field(1.0, ge=0)
     cls_gain: float = Field(1.0, ge=0)
     box_gain: float = Field(1.0, ge=0)
-    reg_max: int = Field(16, ge=1)  # DFL bins of the head; only needed to split list-of-maps outputs
+    reg_max: int = Field(16, ge=1)  # DFL bins of the head
 
 
 def head_outputs(preds: Any, reg_max: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,14 +71,38 @@ def head_outputs(preds: Any, reg_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(f"unsupported detector output: {type(preds).__name__}")
 
 
+def bernoulli_kl(t_logit: torch.Tensor, s_logit: torch.Tensor) -> torch.Tensor:
+    """KL(Bern(sigmoid(t)) || Bern(sigmoid(s))) elementwise, from logits (log-sigmoids are stable and
+    the difference is exactly zero where the two agree)."""
+    ls = F.logsigmoid
+    return torch.sigmoid(t_logit) * (ls(t_logit) - ls(s_logit)) + torch.sigmoid(-t_logit) * (ls(-t_logit) - ls(-s_logit))
+
+
+def softmax_kl(t_logit: torch.Tensor, s_logit: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(t) || softmax(s)) over the last axis."""
+    t_log = F.log_softmax(t_logit, -1)
+    return (t_log.exp() * (t_log - F.log_softmax(s_logit, -1))).sum(-1)
+
+
 class DistillLoss:
     def __init__(self, config: DistillConfig | None = None):
         self.config = config or DistillConfig()
 
-    def _l2(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Squared difference of temperature-scaled logits, times T^2 (see module docstring)."""
-        temp = self.config.temperature
-        return (s / temp - t / temp).pow(2) * temp**2
+    def terms(self, s_box, s_cls, t_box, t_cls) -> dict[str, torch.Tensor]:
+        """The three per-term means (objectness, class, box), before gains and lambda."""
+        cfg = self.config
+        o_t = torch.sigmoid(t_cls.amax(-1))  # o^T (docs/design.md), (B, N)
+        if cfg.terms == "l2":
+            return {"obj": (s_cls.amax(-1) - t_cls.amax(-1)).pow(2).mean(),
+                    "cls": ((s_cls - t_cls).pow(2) * o_t[..., None]).mean(),
+                    "box": ((s_box - t_box).pow(2) * o_t[..., None]).mean()}
+        T, Tb = cfg.temperature, cfg.box_temperature
+        obj = bernoulli_kl(t_cls.amax(-1), s_cls.amax(-1)).mean()
+        cls = (bernoulli_kl(t_cls / T, s_cls / T) * T**2 * o_t[..., None]).mean()
+        sides = s_box.shape[:-1] + (4, s_box.shape[-1] // 4)  # (B, N, 4, reg_max): one distribution per side
+        box_kl = softmax_kl(t_box.reshape(sides) / Tb, s_box.reshape(sides) / Tb) * Tb**2  # (B, N, 4)
+        box = (box_kl * o_t[..., None]).mean()
+        return {"obj": obj, "cls": cls, "box": box}
 
     def __call__(self, student_preds: Any, teacher_preds: Any,
                  gt_loss: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -84,15 +112,10 @@ class DistillLoss:
         if s_box.shape != t_box.shape or s_cls.shape != t_cls.shape:
             raise ValueError(f"student and teacher heads differ: boxes {tuple(s_box.shape)} vs "
                              f"{tuple(t_box.shape)}, scores {tuple(s_cls.shape)} vs {tuple(t_cls.shape)}")
-        t_max = t_cls.float().amax(-1)  # (B, N) teacher's max-class logit
-        o_t = torch.sigmoid(t_max)  # o^T (DESIGN.md mapping)
-        obj = self._l2(s_cls.float().amax(-1), t_max).mean()
-        cls = (self._l2(s_cls.float(), t_cls.float()) * o_t[..., None]).mean()
-        box = (self._l2(s_box.float(), t_box.float()) * o_t[..., None]).mean()
-        terms = cfg.obj_gain * obj + cfg.cls_gain * cls + cfg.box_gain * box
-        loss = cfg.weight * terms * s_cls.shape[0]  # x batch size, as ultralytics' detection loss
-        items = {"distill_obj": obj.detach(), "distill_cls": cls.detach(), "distill_box": box.detach(),
-                 "distill": loss.detach()}
+        t = self.terms(s_box.float(), s_cls.float(), t_box.float(), t_cls.float())
+        total = cfg.obj_gain * t["obj"] + cfg.cls_gain * t["cls"] + cfg.box_gain * t["box"]
+        loss = cfg.weight * total * s_cls.shape[0]  # x batch size, as ultralytics' detection loss
+        items = {f"distill_{k}": v.detach() for k, v in t.items()} | {"distill": loss.detach()}
         if gt_loss is not None:
             gt = gt_loss.sum()
             items["gt"] = gt.detach()
