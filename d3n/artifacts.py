@@ -101,6 +101,22 @@ def save_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
     return Path(path)
 
 
+def load_torch(path: str | os.PathLike, what: str, **kw: Any) -> Any:
+    """`torch.load` of a d3n file, guarded: a missing or unreadable file is an ArtifactError naming
+    the file and `what` it should hold. Defaults to `weights_only=True` (no code runs on load) and
+    `map_location="cpu"`; a caller that must unpickle objects says `weights_only=False` itself."""
+    import torch  # here, not at the top: d3n's core imports without torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: {what} not found")
+    kw = {"map_location": "cpu", "weights_only": True, **kw}
+    try:
+        return torch.load(path, **kw)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise ArtifactError(f"{path}: not a readable {what} ({exc})") from None
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

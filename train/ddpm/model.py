@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import torch
 
+from d3n.artifacts import load_torch
 from d3n.errors import ArtifactError, ConfigError, DataError
 
 T_STEPS = 1000  # DDPM diffusion steps T (paper §III-B)
@@ -78,10 +79,7 @@ class DDPM:
         path = run_dir / WEIGHTS
         if not path.exists():
             raise ArtifactError(f"{path}: no trained DDPM here (run `d3n ddpm train` to finish it)")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for a bad file
-            raise ArtifactError(f"{path}: cannot load DDPM weights ({exc})") from None
+        blob = load_torch(path, "DDPM weights file")
         unet = build_unet(blob["config"]["unet"])
         unet.load_state_dict(blob["state_dict"])
         return cls(unet.to(device), blob["config"], run_dir)

@@ -2,8 +2,10 @@
 
 Epsilon-prediction MSE at uniformly drawn timesteps, Adam with cosine annealing, optional EMA of
 the weights. Every `ckpt_every` steps the complete state is saved (model, optimizer, LR
-schedule, EMA, noise RNG, loss history); the data order is a pure function of (seed, epoch), so
-a killed run resumed from its checkpoint continues bit-exactly (on the same device).
+schedule, EMA, noise RNG, loss history) in the one training-state format (train/checkpoint.py),
+with the run's config identity; the data order is a pure function of (seed, epoch), so a killed run
+resumed from its checkpoint continues bit-exactly (on the same device), and a resume under other
+options is refused with the differing fields named.
 
 With `--device cuda` the model, optimizer and EMA live on the GPU, but the noise and timesteps
 are still drawn from a CPU generator (one random stream whatever the device) and checkpoints are
@@ -24,7 +26,8 @@ from tqdm import tqdm
 from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, save_with, write_json, write_yaml
 from d3n.config import StrictModel, identity
 from d3n.data.layout import DatasetLayout
-from d3n.errors import ArtifactError, ConfigError
+from d3n.errors import ConfigError
+from d3n.train.checkpoint import EMA, load_state, save_state
 from d3n.train.ddpm.model import (
     T_STEPS,
     WEIGHTS,
@@ -83,7 +86,7 @@ class Trainer:
         self.scheduler = build_scheduler()
         self.opt = torch.optim.Adam(self.unet.parameters(), lr=cfg.lr)
         self.lrs = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total, eta_min=cfg.lr_min)
-        self.ema = {k: v.detach().clone() for k, v in self.unet.state_dict().items()} if cfg.ema > 0 else None
+        self.ema = EMA(self.unet, cfg.ema) if cfg.ema > 0 else None  # a fixed decay: no warm-up ramp
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.losses: list[float] = []
@@ -102,42 +105,35 @@ class Trainer:
         self.opt.step()
         self.lrs.step()
         if self.ema is not None:
-            with torch.no_grad():
-                for k, v in self.unet.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        self.ema[k].mul_(self.cfg.ema).add_(v, alpha=1 - self.cfg.ema)
-                    else:
-                        self.ema[k].copy_(v)
+            self.ema.update(self.unet)
         self.step += 1
         self.losses.append(float(loss.detach()))
         return self.losses[-1]
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "model": to_cpu(self.unet.state_dict()), "opt": to_cpu(self.opt.state_dict()),
-                "lrs": self.lrs.state_dict(), "ema": to_cpu(self.ema), "gen": self.gen.get_state(),
-                "losses": self.losses, "config": identity(self.cfg)}
+        """Everything a resume needs (save_state moves the tensors to the CPU)."""
+        return {"step": self.step, "model": self.unet.state_dict(), "opt": self.opt.state_dict(),
+                "lrs": self.lrs.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
+                "gen": self.gen.get_state(), "losses": self.losses}
 
     def load_state(self, s: dict[str, Any]) -> None:
         self.unet.load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])  # moves the moments to the parameters' device
         self.lrs.load_state_dict(s["lrs"])
-        self.ema = None if s["ema"] is None else {k: v.to(self.device) for k, v in s["ema"].items()}
+        if self.ema is not None:  # cfg.ema is part of the identity: present here iff it was saved
+            self.ema.load_state_dict(s["ema"])
         self.gen.set_state(s["gen"])
         self.step, self.losses = int(s["step"]), list(s["losses"])
 
+    def save(self, path: Path) -> None:
+        save_state(path, self.state(), identity(self.cfg, mode="json"))
+
+    def resume(self, path: Path) -> None:
+        """Continue from the state at `path`; refused if it was saved under another config."""
+        self.load_state(load_state(path, identity(self.cfg, mode="json"), "DDPM training state"))
+
     def final_weights(self) -> dict[str, torch.Tensor]:
-        return to_cpu(self.ema if self.ema is not None else self.unet.state_dict())
-
-
-def _resume(trainer: Trainer, path: Path) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a bad file
-        raise ArtifactError(f"{path}: cannot load checkpoint ({exc}); delete it to start over") from None
-    if state["config"] != identity(trainer.cfg):
-        raise ArtifactError(f"{path}: checkpoint was made with a different config; use a new --out "
-                            "or the same options")
-    trainer.load_state(state)
+        return to_cpu(self.ema.ema.state_dict() if self.ema is not None else self.unet.state_dict())
 
 
 def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -156,7 +152,7 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, progress: bool = True) -> 
     total = total_steps(cfg, len(paths))
     trainer = Trainer(cfg, images, total, device)
     if (out / CHECKPOINT).exists():
-        _resume(trainer, out / CHECKPOINT)
+        trainer.resume(out / CHECKPOINT)
     with manifest.timed("train"), tqdm(total=total, initial=trainer.step, desc="ddpm train",
                                        disable=not progress) as bar:
         while trainer.step < total:
@@ -164,7 +160,7 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, progress: bool = True) -> 
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if trainer.step % cfg.ckpt_every == 0 or trainer.step == total:
-                save_with(out / CHECKPOINT, lambda p: torch.save(trainer.state(), p))
+                trainer.save(out / CHECKPOINT)
     config = {"preset": cfg.preset, "unet": unet_config(cfg.preset, cfg.size), "T": T_STEPS,
               "data_yaml": str(data.yaml_path.resolve()), "split": cfg.split, "ema": cfg.ema > 0}
     save_with(out / WEIGHTS, lambda p: torch.save({"config": config, "state_dict": trainer.final_weights()}, p))

@@ -1,6 +1,6 @@
 """Detection dataset whose augmentations are affine maps that the DDPM features can follow.
 
-Precomputed DDPM features describe the un-augmented image (DESIGN.md, "Features must follow the
+Precomputed DDPM features describe the un-augmented image (docs/design.md, "Features follow the
 image"). Every geometric step here (letterbox, mosaic, random scale/translate, horizontal flip) is
 an affine map, and each sample records, per source image it draws from (a *piece*), the 3x3 matrix
 `M` taking source-image pixels to output pixels and the rectangle of the source that is visible.

@@ -15,20 +15,23 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from d3n.artifacts import save_with
-from d3n.config import StrictModel, placement
+from d3n.config import StrictModel, identity, placement
+from d3n.train.checkpoint import EMA, load_state, rng_state, save_state, set_rng_state
 from d3n.train.detector.data import AugmentConfig, DetectionDataset, collate, seed_worker
 from d3n.train.detector.evaluate import evaluate, fitness
 from d3n.train.device import Device, resolve_device
 
 log = logging.getLogger(__name__)
+
+STATE = "last_state.pt"
+EMA_DECAY, EMA_TAU = 0.9999, 2000  # ultralytics' ModelEMA defaults
 
 
 class TrainConfig(StrictModel):
@@ -65,7 +68,11 @@ class TrainConfig(StrictModel):
 
 
 class Task(Protocol):
-    """What a particular detector adds to the loop."""
+    """What a particular detector adds to the loop.
+
+    A task may also define `identity() -> dict` (plain data: what else defines its run, e.g. its
+    stage config); it is saved with the training state, and a resume under another one is refused.
+    """
 
     model: torch.nn.Module  # the module being trained
 
@@ -133,8 +140,6 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
     from d3n.offline import configure_ultralytics
 
     configure_ultralytics()
-    from ultralytics.utils.torch_utils import ModelEMA
-
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -149,9 +154,10 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
     for g in opt.param_groups:
         g["initial_lr"] = lr0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lf)
-    ema = ModelEMA(model)
+    ema = EMA(model, EMA_DECAY, EMA_TAU)
     nw = max(round(cfg.warmup_epochs * nb), 100) if cfg.warmup_epochs > 0 else -1
-    start, best, history = _resume(out, model, ema, opt, sched)
+    run_identity = state_identity(task, cfg)
+    start, best, history = _resume(out / STATE, run_identity, model, ema, opt, sched)
 
     for epoch in range(start, cfg.epochs):
         ds = train_loader.dataset
@@ -196,7 +202,7 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
             row.update(on_epoch(model, epoch) or {})
         history.append(row)
         _write_results(out / "results.csv", history)
-        _save_state(out, epoch, model, ema, opt, sched, best, history)
+        _save_state(out / STATE, run_identity, epoch, model, ema, opt, sched, best, history)
         log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, {k: round(v, 4) if isinstance(v, float) else v
                                                            for k, v in row.items()})
     task.save(ema.ema, out / "last.pt", best or {})
@@ -213,26 +219,31 @@ def _write_results(path: Path, history: list[dict]) -> None:
         w.writerows(history)
 
 
-def _save_state(out, epoch, model, ema, opt, sched, best, history) -> None:
-    state = {"epoch": epoch, "model": model.state_dict(), "ema": ema.ema.state_dict(), "updates": ema.updates,
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best, "history": history,
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
-    save_with(out / "last_state.pt", lambda p: torch.save(state, p))
+def state_identity(task: Task, cfg: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must share with the one that saved the state: the TrainConfig (less
+    device and workers), the task's kind and, if it has one, the task's own identity."""
+    ident: dict[str, Any] = {"train": identity(cfg, mode="json"), "task": type(task).__name__}
+    if callable(getattr(task, "identity", None)):
+        ident["task_identity"] = task.identity()
+    return ident
 
 
-def _resume(out: Path, model, ema, opt, sched):
-    """Resume a killed run from last_state.pt (same model/optimizer/scheduler/EMA/RNG state)."""
-    path = out / "last_state.pt"
+def _save_state(path: Path, run_identity: dict, epoch: int, model, ema: EMA, opt, sched, best, history) -> None:
+    state = {"epoch": epoch, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict(), "best": best, "history": history, "rng": rng_state()}
+    save_state(path, state, run_identity)
+
+
+def _resume(path: Path, run_identity: dict, model, ema: EMA, opt, sched):
+    """Resume a killed run from its last state (model, optimizer, scheduler, EMA and RNG exactly as
+    saved); a state saved under another config is refused, not silently continued."""
     if not path.exists():
         return 0, None, []
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state(path, run_identity)
     model.load_state_dict(state["model"])
-    ema.ema.load_state_dict(state["ema"])
-    ema.updates = state["updates"]
+    ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
+    set_rng_state(state["rng"])
     log.info("resuming from %s after epoch %d", path, state["epoch"] + 1)
     return state["epoch"] + 1, state["best"], state["history"]

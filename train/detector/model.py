@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from d3n.artifacts import save_with
+from d3n.artifacts import load_torch, save_with
 from d3n.errors import ArtifactError
 from d3n.offline import configure_ultralytics
 
@@ -39,12 +39,9 @@ def load(path: str | Path) -> torch.nn.Module:
     from ultralytics.nn.tasks import DetectionModel
 
     path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise ArtifactError(f"{path}: not a loadable checkpoint ({exc})") from None
+    # weights_only=False: an ultralytics checkpoint pickles the model object itself (its class,
+    # not only tensors); only open checkpoints you trust
+    ckpt = load_torch(path, "detector checkpoint", weights_only=False)
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if not isinstance(model, DetectionModel):
         raise ArtifactError(f"{path}: holds no detection model (keys: {list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt)})")

@@ -20,7 +20,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, save_with, write_json, write_yaml
+from d3n.artifacts import (
+    CONFIG,
+    METRICS,
+    Manifest,
+    is_complete,
+    load_torch,
+    read_json,
+    save_with,
+    write_json,
+    write_yaml,
+)
 from d3n.config import StrictModel, validate
 from d3n.errors import ArtifactError
 from d3n.train.device import Device, resolve_device
@@ -52,10 +62,7 @@ def read_compressor(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / COMPRESSOR
     if not path.exists():
         raise ArtifactError(f"{path}: no compressor here (run `d3n resvae train` first)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a bad file
-        raise ArtifactError(f"{path}: cannot load compressor ({exc})") from None
+    blob = load_torch(path, "compressor file")
     if blob.get("method") not in METHODS:
         raise ArtifactError(f"{path}: unknown compressor method {blob.get('method')!r}")
     return blob

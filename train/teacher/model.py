@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from d3n.artifacts import save_with
+from d3n.artifacts import load_torch, save_with
 from d3n.config import StrictModel
 from d3n.errors import ArtifactError, ConfigError
 from d3n.offline import ultralytics
@@ -39,7 +39,7 @@ class TeacherConfig(StrictModel):
     nc: int = Field(ge=1)
     ddpm_channels: dict[str, int]  # channels of the decoded DDPM features per level p3/p4/p5
     fusion: FusionConfig = Field(default_factory=FusionConfig)
-    model: str = "yolov5s.yaml"  # paper: YOLOv5s detector (anchor-free ultralytics head, DESIGN.md)
+    model: str = "yolov5s.yaml"  # paper: YOLOv5s detector (anchor-free ultralytics head, docs/design.md)
 
     @model_validator(mode="after")
     def _levels(self) -> TeacherConfig:
@@ -146,12 +146,7 @@ class FusionTeacher(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FusionTeacher:
         path = Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"{path}: teacher checkpoint not found")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # torch raises many types for a corrupt or foreign file
-            raise ArtifactError(f"{path}: not a readable torch checkpoint ({exc})") from None
+        ckpt = load_torch(path, "teacher checkpoint", map_location=map_location)
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ArtifactError(f"{path}: not a d3n fusion-teacher checkpoint (expected format {CHECKPOINT_FORMAT})")
         try:

@@ -12,6 +12,11 @@ from d3n.train.ddpm import train as ddpm_train
 from d3n.train.ddpm.model import DDPM
 from d3n.train.ddpm.train import CHECKPOINT, DDPMTrainConfig, batch_indices, train_ddpm
 
+
+def _state(path: Path) -> dict:
+    """The trainer's state inside the training-state file; it loads with weights_only=True."""
+    return torch.load(path, weights_only=True)["state"]
+
 torch.set_num_threads(1)  # tiny models: threads only contend on a shared CPU
 
 
@@ -50,17 +55,19 @@ def test_resume_after_kill_is_bit_exact(data, tmp_path, monkeypatch):
     monkeypatch.setattr(ddpm_train.Trainer, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train_ddpm(cfg, tmp_path / "killed", progress=False)
-    assert torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=True)["step"] == 2
+    assert _state(tmp_path / "killed" / CHECKPOINT)["step"] == 2
     assert not (tmp_path / "killed" / "manifest.json").exists()
     monkeypatch.setattr(ddpm_train.Trainer, "train_step", real_step)
     train_ddpm(cfg, tmp_path / "killed", progress=False)
 
-    full = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)
-    resumed = torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=True)
+    full = _state(tmp_path / "full" / CHECKPOINT)
+    resumed = _state(tmp_path / "killed" / CHECKPOINT)
     assert full["step"] == resumed["step"] == 5
-    for part in ("model", "ema"):
-        for k, v in full[part].items():
-            assert torch.equal(v, resumed[part][k]), f"{part}.{k} differs after resume"
+    assert full["ema"]["updates"] == resumed["ema"]["updates"] == 5
+    for name, a, b in (("model", full["model"], resumed["model"]),
+                       ("ema", full["ema"]["weights"], resumed["ema"]["weights"])):
+        for k, v in a.items():
+            assert torch.equal(v, b[k]), f"{name}.{k} differs after resume"
     for k, st in full["opt"]["state"].items():
         assert torch.equal(st["exp_avg"], resumed["opt"]["state"][k]["exp_avg"])
     assert full["losses"] == resumed["losses"]
@@ -70,8 +77,32 @@ def test_resume_after_kill_is_bit_exact(data, tmp_path, monkeypatch):
 def test_resume_refuses_a_different_config(data, tmp_path):
     train_ddpm(_cfg(data, steps=2), tmp_path / "run", progress=False)
     (tmp_path / "run" / "manifest.json").unlink()
-    with pytest.raises(ArtifactError, match="different config"):
+    with pytest.raises(ArtifactError, match=r"checkpoint.pt: .*different config \(lr: 0.0001 -> 0.0003\)"):
         train_ddpm(_cfg(data, steps=2, lr=3e-4), tmp_path / "run", progress=False)
+
+
+def test_ema_zero_disables_it(data, tmp_path):
+    train_ddpm(_cfg(data, steps=2, ema=0.0), tmp_path / "run", progress=False)
+    state = _state(tmp_path / "run" / CHECKPOINT)
+    assert state["ema"] is None
+    weights = torch.load(tmp_path / "run" / "ddpm.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, state["model"][k]) for k, v in weights.items())  # the raw weights
+
+
+def test_ema_decay_is_fixed_from_the_first_step(data):
+    """`ema` is the decay itself (no warm-up ramp): after one step, ema = d * init + (1 - d) * trained."""
+    from d3n.data.layout import DatasetLayout
+    from d3n.train.ddpm.model import load_images
+
+    cfg = _cfg(data, ema=0.9)
+    images = load_images(DatasetLayout.open(data).images("train")[:4], 16)
+    trainer = ddpm_train.Trainer(cfg, images, total=1)
+    init = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    trainer.train_step()
+    now = trainer.unet.state_dict()
+    for k, v in trainer.ema.ema.state_dict().items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, 0.9 * init[k] + 0.1 * now[k])
 
 
 def test_data_order_is_a_function_of_seed_and_epoch():
@@ -114,7 +145,7 @@ def test_device_is_not_part_of_the_run_identity(data, tmp_path):
     first = train_ddpm(_cfg(data, steps=2), run, progress=False)
     assert first["device"] == "cpu"
     ckpt = torch.load(run / CHECKPOINT, weights_only=True)
-    assert "device" not in ckpt["config"]
+    assert "device" not in ckpt["config"] and ckpt["config"]["data"] == str(data)
     stamp = (run / "manifest.json").stat().st_mtime_ns
     again = train_ddpm(_cfg(data, steps=2, device="auto"), run, progress=False)  # complete: not retrained
     assert again == first and (run / "manifest.json").stat().st_mtime_ns == stamp

@@ -83,14 +83,41 @@ def test_killed_training_resumes_to_the_same_weights(synth_small, tmp_path):
 
     with pytest.raises(_Kill):
         train(fresh(), cfg, synth_small, killed, names, on_epoch=kill_in_epoch_2)
-    state = torch.load(killed / "last_state.pt", weights_only=False)
+    state = torch.load(killed / "last_state.pt", weights_only=True)["state"]  # plain data only
     assert state["epoch"] == 0  # epoch 1 saved, epoch 2 lost
     result = train(fresh(), cfg, synth_small, killed, names)
     assert [r["epoch"] for r in result["history"]] == [1, 2]
-    a = torch.load(full / "last_state.pt", weights_only=False)["model"]
-    b = torch.load(killed / "last_state.pt", weights_only=False)["model"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    a = torch.load(full / "last_state.pt", weights_only=True)["state"]
+    b = torch.load(killed / "last_state.pt", weights_only=True)["state"]
+    assert a["ema"]["updates"] == b["ema"]["updates"] > 0
+    for name, x, y in (("model", a["model"], b["model"]), ("ema", a["ema"]["weights"], b["ema"]["weights"])):
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, msg=f"{name}.{k}")
+
+
+def test_resume_under_another_config_is_refused(synth_small, tmp_path):
+    """A state saved under one TrainConfig is not continued under another (the field is named);
+    device and workers place the run and may change."""
+    from d3n.errors import ArtifactError
+
+    cfg = TrainConfig(**{**TINY, "epochs": 2, "close_mosaic": 0})
+    names = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
+
+    def fresh():
+        torch.manual_seed(0)
+        return detector.DetectorTask(detector.build(6, names), {})
+
+    def kill_in_epoch_2(model, epoch):
+        if epoch == 1:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        train(fresh(), cfg, synth_small, tmp_path, names, on_epoch=kill_in_epoch_2)
+    with pytest.raises(ArtifactError, match=r"last_state.pt: .*different config \(train.lr0: 0.01 -> 0.02\)"):
+        train(fresh(), cfg.model_copy(update={"lr0": 0.02}), synth_small, tmp_path, names)
+    moved = cfg.model_copy(update={"device": "auto" if not torch.cuda.is_available() else "cpu", "workers": 1})
+    result = train(fresh(), moved, synth_small, tmp_path, names)
+    assert [r["epoch"] for r in result["history"]] == [1, 2]
 
 
 def test_device_is_checked_before_training(synth_small, tmp_path, capsys):

@@ -217,6 +217,8 @@ def test_ddpm_train_and_repo_build_on_cuda(setup, tmp_path):
     assert m["steps"] == 2 and m["device"].startswith("cuda")
     for name in ("checkpoint.pt", "ddpm.pt"):  # saved from CPU tensors: loads without a GPU
         blob = torch.load(run / name, weights_only=True)
+        blob = blob.get("state", blob)  # checkpoint.pt: the trainer's state inside the training-state file
+        blob = {**blob, "ema": blob.get("ema", {}).get("weights", {})}
         tensors = [v for part in ("model", "ema", "state_dict") for v in blob.get(part, {}).values()]
         tensors += [v for st in blob.get("opt", {}).get("state", {}).values() for v in st.values()]
         assert tensors and all(t.device.type == "cpu" for t in tensors), name
