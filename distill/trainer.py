@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from d3n.artifacts import METRICS, read_json, write_json
-from d3n.config import StrictModel
+from d3n.artifacts import METRICS, read_json, sha256_file, write_json
+from d3n.config import StrictModel, identity
 from d3n.data.layout import DatasetLayout
 from d3n.distill.loss import DistillConfig, DistillLoss
 from d3n.errors import ArtifactError
@@ -42,8 +42,9 @@ def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
 
 class DistillTask:
     def __init__(self, student, teacher: FusionTeacher, features: FeatureProvider, imgsz: int,
-                 loss: DistillLoss, train_args: dict):
+                 loss: DistillLoss, train_args: dict, ident: dict):
         self.model = student
+        self.ident = ident
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -51,6 +52,10 @@ class DistillTask:
         self.imgsz = imgsz
         self.distill_loss = loss
         self.train_args = train_args
+
+    def identity(self) -> dict:
+        """The distill config and the teacher's hash: a resume with another teacher is refused."""
+        return self.ident
 
     def loss(self, model, batch):
         preds = model(batch["img"])
@@ -83,7 +88,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
                             f"was trained on {teacher.config.ddpm_channels}")
     student = detector.build(layout.nc, list(layout.names))
     args = train_args(layout, cfg.train)
-    task = DistillTask(student, teacher, features, cfg.train.imgsz, DistillLoss(cfg.distill), args)
+    task = DistillTask(student, teacher, features, cfg.train.imgsz, DistillLoss(cfg.distill), args,
+                        {"config": identity(cfg, mode="json"), "teacher": sha256_file(teacher_ckpt)})
     best = train(task, cfg.train, layout.root, out, list(layout.names))
     metrics = finish(out, best, student, cfg.train, "student")
     metrics.update(same_size_check(student, layout, cfg.train.imgsz))

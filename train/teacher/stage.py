@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from d3n.artifacts import METRICS, atomic_path, write_json
-from d3n.config import StrictModel
+from d3n.config import StrictModel, identity
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ArtifactError
 from d3n.train.detector.loop import TrainConfig, train
@@ -39,11 +37,16 @@ def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
 
 
 class TeacherTask:
-    def __init__(self, model: FusionTeacher, features: FeatureProvider, imgsz: int, extra: dict):
+    def __init__(self, model: FusionTeacher, features: FeatureProvider, imgsz: int, extra: dict, ident: dict):
         self.model = model
         self.features = features
         self.imgsz = imgsz
         self.extra = extra
+        self.ident = ident
+
+    def identity(self) -> dict:
+        """The stage config (fusion, compressor) besides TrainConfig: a resume under another is refused."""
+        return self.ident
 
     def loss(self, model, batch):
         ddpm = self.features(batch["pieces"], self.imgsz)
@@ -66,7 +69,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     model = FusionTeacher(TeacherConfig(nc=layout.nc, ddpm_channels=features.channels, fusion=cfg.fusion))
     extra = {"names": list(layout.names), "imgsz": cfg.train.imgsz, "repo": str(Path(repo).resolve()),
              "compressor": str(features.compressor or "")}
-    task = TeacherTask(model, features, cfg.train.imgsz, extra)
+    task = TeacherTask(model, features, cfg.train.imgsz, extra, identity(cfg, mode="json"))
 
     def log_branches(m, epoch):
         return {f"w_{lv}_{name}": w for lv, ws in m.branch_weights().items()
@@ -123,9 +126,3 @@ def plot_branch_weights(history: list[dict], path: Path) -> Path | None:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return path
-
-
-def load_teacher(path: Path, device: str = "cpu") -> tuple[FusionTeacher, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
-    model = FusionTeacher.load(path)
-    return model.to(device).eval(), (ckpt or {}).get("extra", {})
