@@ -1,4 +1,4 @@
-"""Model size and cost: parameter count and FLOPs counted by fvcore (issue: params and GFLOPs).
+"""Model size and cost: parameter count and FLOPs counted by fvcore.
 
 fvcore counts one fused multiply-add as one flop; ultralytics/thop-style "GFLOPs" count it as
 two. Both are reported so the numbers line up with either convention.

@@ -1,6 +1,6 @@
 """Warp precomputed DDPM feature maps with the affine map their image went through.
 
-The dataset (`detdata.py`) records, for each source image in a sample, the 3x3 map `M` from source
+The dataset (`train/detector/data.py`) records, for each source image in a sample, the 3x3 map `M` from source
 pixels to output pixels and the visible source rectangle. For every cell of a detector level
 (stride s), we take its centre in output pixels, map it back through M^-1 into the source image,
 and sample the source's feature map there (bilinear, `grid_sample`). Cells whose source point lies

@@ -22,7 +22,7 @@ STRIDES = {"p3": 8, "p4": 16, "p5": 32}
 
 
 class FeatureProvider:
-    """Serves warped DDPM features for batches from `detdata.DetectionDataset`."""
+    """Serves warped DDPM features for batches from `train/detector/data.py`'s DetectionDataset."""
 
     def __init__(self, repos: list[Path], compressor: Path | None = None, device: str = "cpu"):
         self.stores = [FeatureStore.open(r) for r in repos]
