@@ -19,13 +19,20 @@ starts exactly as the plain detector; the DDPM path grows from there (like a zer
 keeps early training as stable as the baseline's.
 
 Every component has a switch so Tables I-III rerun by one flag; `mode` swaps the whole fusion for
-the Table II alternatives: "concat" (concat + 1x1 conv), "sum" (X + D'), "weighted_sum"
+the Table II alternatives, each exactly the operation the row names (no hidden residual unless
+`residual: true` is asked for): "concat" (concat + 1x1 conv), "sum" (X + D'), "weighted_sum"
 (learnable softmax weights over X and D'). The tables' columns map onto the config as:
 
     Table I   dual self-att -> use_self_x + use_self_d; weighted sum -> learn_weights;
               residual -> residual; norm -> norm (all off = plain cross-attention, row 1)
     Table II  mode: concat | sum | weighted_sum | dynamic
     Table III noise filter -> use_filter; without dynamic cross-fusion -> another `mode`
+
+Table I row 4 (weighted sum + residual, no dual self-attention): Fig. 11 weighs three features,
+Cross, Det and DDPM. Without self-attention on X the Det feature is the detector's residual X
+itself, so the learnable weights run over (cross, X): a real choice between the cross branch and
+the detector features, whose weights receive gradient (with only the cross branch, a softmax over
+one entry would be the constant 1 and the row would equal "residual only").
 """
 
 from __future__ import annotations
@@ -51,13 +58,15 @@ class FusionConfig(StrictModel):
     use_self_x: bool = True  # self-attention on the detector features (Table I dual self-att)
     use_self_d: bool = True  # self-attention on the DDPM features (Table I dual self-att)
     learn_weights: bool = True  # learnable weighted sum of branches (Table I); off = equal weights
-    residual: bool = True  # residual of X (Table I)
+    residual: bool | None = None  # residual of X (Table I); default: on for dynamic, off for Table II rows
     norm: bool = True  # normalise D before attention (Table I)
     kv_size: int = Field(16, ge=1)  # keys/values pooled to at most kv_size x kv_size tokens
     filter: FreqFilterConfig = Field(default_factory=FreqFilterConfig)
 
     @model_validator(mode="after")
     def _some_branch(self) -> FusionConfig:
+        if self.residual is None:
+            self.residual = self.mode == "dynamic"
         if self.mode == "dynamic" and not (self.use_cross or self.use_self_x or self.use_self_d):
             raise ValueError("dynamic fusion needs at least one of use_cross, use_self_x, use_self_d")
         return self
@@ -113,9 +122,12 @@ class CrossFusion(nn.Module):
         self.proj_d = nn.Conv2d(ddpm_channels, cx, 1)
         self.norm_d = ChannelNorm(cx) if cfg.norm else nn.Identity()
         if cfg.mode == "dynamic":
-            self.active = (cfg.use_cross, cfg.use_self_x, cfg.use_self_d)
+            # Table I row 4: without self-attention on X, the weighted Det feature is X itself
+            self.det_is_x = cfg.residual and cfg.learn_weights and not cfg.use_self_x
             self.cross, self.self_x, self.self_d = (
-                PooledAttention(cx, cfg.heads, cfg.kv_size) if on else None for on in self.active)
+                PooledAttention(cx, cfg.heads, cfg.kv_size) if on else None
+                for on in (cfg.use_cross, cfg.use_self_x, cfg.use_self_d))
+            self.active = (cfg.use_cross, cfg.use_self_x or self.det_is_x, cfg.use_self_d)
         elif cfg.mode == "weighted_sum":
             self.active = (False, True, True)
         elif cfg.mode == "concat":
@@ -161,6 +173,8 @@ class CrossFusion(nn.Module):
             fused = fused + w[0] * self.cross(x, d)  # q = detector, k/v = DDPM (Eqs. 4-5)
         if self.self_x is not None:
             fused = fused + w[1] * self.self_x(x, x)
+        elif self.det_is_x:
+            fused = fused + w[1] * x
         if self.self_d is not None:
             fused = fused + w[2] * self.self_d(d, d)
         return fused

@@ -60,10 +60,36 @@ def test_switches_remove_their_modules():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_starts_as_the_detector_features(mode):
+def test_starts_as_the_detector_features_with_the_residual(mode):
     """Zero-initialised output projection: out == X at init, whatever D is."""
     x, d = _inputs()
-    torch.testing.assert_close(CrossFusion(CX, CD, FusionConfig(mode=mode))(x, d), x)
+    torch.testing.assert_close(CrossFusion(CX, CD, FusionConfig(mode=mode, residual=True))(x, d), x)
+
+
+def test_table_ii_rows_are_the_plain_operations():
+    """Table II compares the operations themselves: Sum is X + D', weighted sum w1 X + w2 D', with no
+    residual wrapper unless asked for; the dynamic fusion keeps its residual by default."""
+    x, d = _inputs()
+    assert FusionConfig().residual is True and FusionConfig(mode="sum").residual is False
+    s = CrossFusion(CX, CD, FusionConfig(mode="sum"))
+    torch.testing.assert_close(s(x, d), x + s.ddpm_branch(d))
+    w = CrossFusion(CX, CD, FusionConfig(mode="weighted_sum"))
+    torch.testing.assert_close(w(x, d), 0.5 * x + 0.5 * w.ddpm_branch(d))
+    assert s.out is None and w.out is None
+
+
+def test_table_i_row_4_weighs_cross_against_the_detector_residual():
+    """Weighted sum + residual without dual self-attention: the weights choose between the cross
+    branch and X, and they receive gradient (a softmax over the cross branch alone would not)."""
+    x, d = _inputs()
+    fusion = CrossFusion(CX, CD, FusionConfig(use_self_x=False, use_self_d=False))
+    torch.testing.assert_close(fusion(x, d), x)  # still starts as the detector
+    w = fusion.branch_weights()
+    assert w[0] > 0 and w[1] > 0 and w[2] == 0
+    _perturb(fusion)  # the zero-initialised projection after some training
+    fusion.logits.grad = None
+    fusion(x, d).pow(2).mean().backward()
+    assert fusion.logits.grad[:2].abs().min() > 0
 
 
 def test_concat_without_residual_starts_as_x():
@@ -98,7 +124,8 @@ def test_zero_initialised_fusion_learns_to_use_the_ddpm_features():
 @pytest.mark.parametrize("cfg,expect_zero", [
     (FusionConfig(), []),
     (FusionConfig(use_cross=False), [0]),
-    (FusionConfig(use_self_x=False, use_self_d=False), [1, 2]),
+    (FusionConfig(use_self_x=False, use_self_d=False), [2]),  # Table I row 4: cross vs X
+    (FusionConfig(use_self_x=False, use_self_d=False, learn_weights=False), [1, 2]),
     (FusionConfig(mode="weighted_sum"), [0]),
     (FusionConfig(mode="sum"), [0]),
     (FusionConfig(learn_weights=False, use_self_d=False), [2]),
