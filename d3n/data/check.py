@@ -1,4 +1,4 @@
-"""`d3n data check`: per-class counts per split, and every bad file in a d3n (YOLO layout) dataset."""
+"""`d3n data check`: per-class counts per split (test too, if listed), every bad file of a d3n dataset."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def count(items: Iterable[tuple[str, list[int]]], names: list[str] | tuple[str, 
             s["classes"][names[int(c)]]["boxes"] += 1
         for c in set(int(c) for c in classes):
             s["classes"][names[c]]["images"] += 1
-    order = {"train": 0, "val": 1}
+    order = {"train": 0, "val": 1, "test": 2}
     return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])))
 
 

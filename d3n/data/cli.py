@@ -14,14 +14,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Autodetects the format: VOC (ANNOTATIONS/ or Annotations/ with IMAGES/ "
                         "or JPEGImages/), YOLO (data.yaml with images/ and labels/), COCO (a .json with "
                         "images, annotations, categories). Every image is decoded and every box checked; "
-                        "all problems are listed before failing.")
+                        "all problems are listed before failing. Splits are train, val and an optional "
+                        "held-out test (data.yaml then has test: images/test); the source's own test split "
+                        "(YOLO test: folder or images/test, COCO instances_test*.json beside the train/val "
+                        "JSONs) is kept. An empty train split is an error unless --eval-only is given.")
     p.add_argument("src", help="source dataset folder (or COCO .json / YOLO data.yaml)")
     p.add_argument("--out", required=True, help="dataset folder to create")
     p.add_argument("--format", choices=("voc", "yolo", "coco"), help="source format (default: autodetect)")
-    p.add_argument("--splits", help="folder with train.txt / val.txt listing stems")
+    p.add_argument("--splits", help="folder with train.txt and val.txt listing stems, and optionally test.txt "
+                                    "(a stem in none of them, or in two, is an error)")
     p.add_argument("--val-frac", type=float, default=None,
-                   help="share of images in val for a random split (default 0.2; a YOLO source "
-                        "with train and val keeps its split unless this is given)")
+                   help="share of images in val for a random split, in [0, 1) (default 0.2; a source with "
+                        "its own train and val keeps its split unless this is given). 1.0 is refused: "
+                        "an evaluation-only set takes --eval-only")
+    p.add_argument("--test-frac", type=float, default=None,
+                   help="share of images in a held-out test split, drawn with val from the same seeded "
+                        "shuffle, disjoint from it (default: no random test; replaces the source's own split)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="an evaluation set: allow an empty train split; every image goes to test "
+                        "(or where --splits says; train.txt / val.txt are then optional)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
     p.add_argument("--names", help="class names in order: comma-separated or a file with one per line "
                                    "(default: VOC alphabetical, COCO by category id, YOLO from data.yaml)")
@@ -39,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--val-frac", type=float, default=0.2, help="share of images in val (default 0.2)")
+    p.add_argument("--test-frac", type=float, default=0.0,
+                   help="share of images in a held-out test split (default 0: no test split)")
     p.add_argument("--force", action="store_true", help="replace --out if it holds something else")
     p.set_defaults(func=_synth)
 
@@ -47,7 +60,7 @@ def _synth(args: argparse.Namespace) -> int:
     from d3n.data.synth import generate
 
     out = generate(args.out, images=args.images, size=args.size, seed=args.seed,
-                   val_frac=args.val_frac, overwrite=args.force)
+                   val_frac=args.val_frac, overwrite=args.force, test_frac=args.test_frac)
     print(f"synthetic dataset: {out} ({args.images} images, {args.size}px); preview: {out / 'preview.png'}")
     return 0
 
@@ -58,7 +71,7 @@ def _import(args: argparse.Namespace) -> int:
 
     report = import_dataset(args.src, args.out, fmt=args.format, splits=args.splits, val_frac=args.val_frac,
                             seed=args.seed, skip_bad=args.skip_bad, names=parse_names(args.names),
-                            force=args.force)
+                            force=args.force, test_frac=args.test_frac, eval_only=args.eval_only)
     print(format_counts(report["counts"], report["names"]))
     print(f"imported {args.src} ({report['format']}) -> {args.out}; split: {report['split']}")
     if report["clipped_boxes"]:

@@ -4,6 +4,10 @@ Every image is decoded fully and every box checked against the decoded size befo
 written. Problems are collected across the whole source: without `skip_bad` the import fails
 listing all of them; with it the bad images are left out and listed in DATA/import_report.json.
 The dataset is built in a hidden sibling folder and renamed into place when complete.
+
+Splits are train, val and an optional held-out test, from --splits files, the source's own
+split folders / files, or a seeded random draw (--val-frac, --test-frac). An empty train split
+is refused unless the import is declared evaluation-only: training would otherwise fail later.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from d3n.data.source import Record, Source, detect_format
+from d3n.data.splits import EVAL_HINT, REQUIRED, SPLIT_NAMES, check_fracs, from_files, random_split
 from d3n.data.validate import FileProblem, Problem, check_box_px, check_image, fail_with
 from d3n.errors import DataError
 
@@ -104,23 +109,43 @@ def check_source(source: Source, names: list[str], progress: bool = True) -> Che
     return out
 
 
-def assign_splits(source: Source, good: list[Good], splits_dir: Path | None, val_frac: float | None,
-                  seed: int) -> str:
-    """Set each good record's split; returns how the split was chosen (for the report)."""
-    from d3n.data.splits import from_files, random_split
+def _own_split(good: list[Good], val_frac: float | None, seed: int) -> tuple[dict[str, str], str] | None:
+    """The source's own split, if it has one and no --val-frac / --test-frac overrides it.
 
+    Its test images stay test; its train/val is kept when it has both, else the rest is split at
+    random (a source with train and test folders still gets a val split).
+    """
+    own = {g.rec.stem: g.rec.split for g in good}
+    if not all(own.values()):
+        return None
+    rest = [s for s, split in own.items() if split != "test"]
+    if val_frac is None and {own[s] for s in rest} == {"train", "val"}:
+        present = [s for s in SPLIT_NAMES if s in own.values()]
+        return dict(own), f"the source's own {'/'.join(present)}"
+    if len(rest) == len(own):
+        return None  # no test split of its own: the random split below, as before test existed
+    frac = 0.2 if val_frac is None else val_frac
+    where = {s: "test" for s, split in own.items() if split == "test"} | random_split(rest, frac, seed)
+    return where, f"the source's own test; random train/val of the rest, val_frac {frac}, seed {seed}"
+
+
+def assign_splits(source: Source, good: list[Good], splits_dir: Path | None, val_frac: float | None,
+                  seed: int, test_frac: float | None = None, eval_only: bool = False) -> str:
+    """Set each good record's split; returns how the split was chosen (for the report)."""
     stems = [g.rec.stem for g in good]
     if splits_dir is not None:
-        where, problems = from_files(Path(splits_dir), stems, source.image_stems)
+        # an evaluation set may come with test.txt alone: train.txt / val.txt are then optional
+        where, problems = from_files(Path(splits_dir), stems, source.image_stems, () if eval_only else REQUIRED)
         fail_with(problems, f"split files in {splits_dir}")
         policy = f"files in {splits_dir}"
-    elif val_frac is None and all(g.rec.split for g in good) and {g.rec.split for g in good} == {"train", "val"}:
-        where = {g.rec.stem: g.rec.split for g in good}
-        policy = "the source's own train/val"
+    elif eval_only:
+        where, policy = dict.fromkeys(stems, "test"), "evaluation only: every image in test"
+    elif not test_frac and (own := _own_split(good, val_frac, seed)) is not None:
+        where, policy = own  # a --test-frac draws every split at random, over the source's own
     else:
         frac = 0.2 if val_frac is None else val_frac
-        where = random_split(stems, frac, seed)
-        policy = f"random, val_frac {frac}, seed {seed}"
+        where = random_split(stems, frac, seed, test_frac or 0.0)
+        policy = f"random, val_frac {frac}{f', test_frac {test_frac}' if test_frac else ''}, seed {seed}"
     for g in good:
         g.split = where[g.rec.stem]
     return policy
@@ -131,7 +156,8 @@ def _write(tmp: Path, good: list[Good], names: list[str], progress: bool) -> Non
 
     from d3n.data.layout import write_data_yaml
 
-    for split in ("train", "val"):
+    has_test = any(g.split == "test" for g in good)
+    for split in ("train", "val", "test") if has_test else ("train", "val"):  # train/val exist even empty
         (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
         (tmp / "labels" / split).mkdir(parents=True, exist_ok=True)
     for g in tqdm(good, desc="copy", unit="img", disable=not progress):
@@ -139,7 +165,17 @@ def _write(tmp: Path, good: list[Good], names: list[str], progress: bool) -> Non
         shutil.copyfile(g.rec.image, tmp / "images" / g.split / (g.rec.stem + g.rec.image.suffix.lower()))
         lines = "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in g.rows)
         (tmp / "labels" / g.split / f"{g.rec.stem}.txt").write_text(lines)
-    write_data_yaml(tmp, names)
+    write_data_yaml(tmp, names, test=has_test)
+
+
+def _check_options(splits: Path | None, val_frac: float | None, test_frac: float | None,
+                   eval_only: bool) -> None:
+    """Option clashes and bad shares, before the (slow) decoding of every image."""
+    if eval_only and (val_frac is not None or test_frac is not None):
+        raise DataError("--eval-only puts every image in test (or where --splits says): "
+                        "drop --val-frac / --test-frac")
+    if splits is None and not eval_only:  # with --splits the shares are not used (as before test existed)
+        check_fracs(0.2 if val_frac is None else val_frac, test_frac or 0.0)
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -149,12 +185,20 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 def import_dataset(src: str | Path, out: str | Path, fmt: str | None = None, splits: str | Path | None = None,
                    val_frac: float | None = None, seed: int = 0, skip_bad: bool = False,
-                   names: list[str] | None = None, force: bool = False, progress: bool = True) -> dict:
-    """Import `src` into `out`; returns the report that is also written to OUT/import_report.json."""
+                   names: list[str] | None = None, force: bool = False, progress: bool = True,
+                   test_frac: float | None = None, eval_only: bool = False) -> dict:
+    """Import `src` into `out`; returns the report that is also written to OUT/import_report.json.
+
+    Splits are train, val and an optional held-out test. `eval_only` allows an empty train split
+    (an evaluation set): without `splits` every image goes to test. Without it an empty train
+    split is an error, since training on the dataset would fail much later.
+    """
     from d3n.artifacts import write_json
     from d3n.data.check import count
 
     src, out = Path(src), Path(out)
+    splits = Path(splits) if splits else None
+    _check_options(splits, val_frac, test_frac, eval_only)
     if not src.exists():
         raise DataError(f"{src}: no such file or folder")
     _prepare_out(out, force)
@@ -166,9 +210,9 @@ def import_dataset(src: str | Path, out: str | Path, fmt: str | None = None, spl
     if not checked.good:
         raise DataError(f"{src}: empty dataset: no usable images"
                         + (f" ({len(checked.problems)} skipped as bad)" if checked.problems else ""))
-    policy = assign_splits(source, checked.good, Path(splits) if splits else None, val_frac, seed)
-    if not any(g.split == "train" for g in checked.good):
-        raise DataError(f"{src}: the train split is empty ({policy})")
+    policy = assign_splits(source, checked.good, splits, val_frac, seed, test_frac, eval_only)
+    if not eval_only and not any(g.split == "train" for g in checked.good):
+        raise DataError(f"{src}: the train split is empty ({policy}); {EVAL_HINT}")
     skipped = sorted(checked.problems, key=lambda p: (str(p.path), p.reason))
     report = {
         "source": str(src), "format": source.format, "names": names, "split": policy,

@@ -1,6 +1,7 @@
 """The on-disk dataset layout every stage reads: YOLO format with a `data.yaml`.
 
     DATA/data.yaml              names: {0: crazing, ...}, nc, train: images/train, val: images/val
+                                [test: images/test]  (only when the held-out test split exists)
     DATA/images/<split>/<stem>.<jpg|png|bmp>
     DATA/labels/<split>/<stem>.txt   one line per box: class cx cy w h (normalised to [0, 1])
 
@@ -19,14 +20,14 @@ import yaml
 from d3n.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # test: a held-out evaluation split, optional
 
 
 @dataclass(frozen=True)
 class DatasetLayout:
     root: Path
     names: tuple[str, ...]
-    splits: dict[str, Path]  # split name -> images folder
+    splits: dict[str, Path]  # split name -> images folder, for each split data.yaml lists
 
     @classmethod
     def open(cls, root: str | Path) -> DatasetLayout:
@@ -46,7 +47,7 @@ class DatasetLayout:
             raise DataError(f"{yaml_path}: no class names")
         splits = {s: root / spec[s] for s in SPLITS if spec.get(s)}
         if not splits:
-            raise DataError(f"{yaml_path}: no train/val split listed")
+            raise DataError(f"{yaml_path}: no train, val or test split listed")
         return cls(root=root, names=tuple(names), splits=splits)
 
     @property
@@ -56,6 +57,10 @@ class DatasetLayout:
     @property
     def nc(self) -> int:
         return len(self.names)
+
+    def has(self, split: str) -> bool:
+        """Whether data.yaml lists `split` and its folder exists (test is optional; it may also be empty)."""
+        return split in self.splits and self.splits[split].is_dir()
 
     def images(self, split: str) -> list[Path]:
         """Image files of a split, sorted by name (a stable order for repositories and seeds)."""
@@ -95,8 +100,11 @@ def label_path_for(image: str | Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
-def write_data_yaml(root: str | Path, names: list[str] | tuple[str, ...]) -> Path:
+def write_data_yaml(root: str | Path, names: list[str] | tuple[str, ...], test: bool = False) -> Path:
+    """data.yaml with train and val (always listed: ultralytics requires both keys) and, if `test`, test."""
     from d3n.artifacts import write_text
 
     spec = {"names": dict(enumerate(names)), "nc": len(names), "train": "images/train", "val": "images/val"}
+    if test:
+        spec["test"] = "images/test"
     return write_text(Path(root) / "data.yaml", yaml.safe_dump(spec, sort_keys=False))

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from d3n.data.layout import write_data_yaml
+from d3n.data.splits import test_count
 from d3n.data.synth_shapes import CLASSES, DRAWERS
 from d3n.errors import DataError
 
@@ -111,29 +112,39 @@ def _jpeg(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _split(n: int, val_frac: float, seed: int) -> np.ndarray:
-    """Boolean 'is val' per image; a seeded shuffle, with both splits non-empty when n >= 2."""
+def _split(n: int, val_frac: float, seed: int, test_frac: float = 0.0) -> list[str]:
+    """Split name per image: a seeded shuffle, with train and val non-empty when n >= 2; test (when
+    test_frac > 0) follows val in the same shuffle, so a dataset without test is unchanged."""
     n_val = int(round(n * val_frac))
     if n >= 2 and val_frac > 0:
         n_val = min(max(n_val, 1), n - 1)
     order = np.random.default_rng([seed, 1]).permutation(n)
-    is_val = np.zeros(n, bool)
-    is_val[order[:n_val]] = True
-    return is_val
+    split = ["train"] * n
+    for i in order[:n_val]:
+        split[i] = "val"
+    for i in order[n_val:n_val + test_count(n, n_val, test_frac)]:
+        split[i] = "test"
+    return split
 
 
-def _params(images: int, size: int, seed: int, val_frac: float) -> dict:
-    return {"generator": "d3n.data.synth/1", "images": images, "size": size, "seed": seed,
-            "val_frac": val_frac, "names": list(CLASSES)}
+def _params(images: int, size: int, seed: int, val_frac: float, test_frac: float = 0.0) -> dict:
+    params = {"generator": "d3n.data.synth/1", "images": images, "size": size, "seed": seed,
+              "val_frac": val_frac, "names": list(CLASSES)}
+    if test_frac:  # only then: a dataset made before test existed is still recognised and reused
+        params["test_frac"] = test_frac
+    return params
 
 
-def _check_args(images: int, size: int, val_frac: float) -> None:
+def _check_args(images: int, size: int, val_frac: float, test_frac: float) -> None:
     if images < 1:
         raise DataError(f"--images must be >= 1 (got {images})")
     if size < 32:
         raise DataError(f"--size must be >= 32 px (got {size})")
     if not 0 <= val_frac < 1:
         raise DataError(f"--val-frac must be in [0, 1) (got {val_frac})")
+    if not 0 <= test_frac < 1 or val_frac + test_frac >= 1:
+        raise DataError(f"--test-frac must be in [0, 1) and leave training images (got {test_frac} "
+                        f"with --val-frac {val_frac})")
 
 
 def _existing(out: Path, params: dict, overwrite: bool) -> bool:
@@ -157,7 +168,7 @@ def _existing(out: Path, params: dict, overwrite: bool) -> bool:
 
 
 def generate(out: str | Path, images: int = 240, size: int = 256, seed: int = 0, val_frac: float = 0.2,
-             overwrite: bool = False, progress: bool = True) -> Path:
+             overwrite: bool = False, progress: bool = True, test_frac: float = 0.0) -> Path:
     """Render the synthetic dataset into `out` (YOLO layout + data.yaml + preview.png); returns `out`.
 
     An existing folder holding the same parameters is reused as is (the output is deterministic).
@@ -170,27 +181,27 @@ def generate(out: str | Path, images: int = 240, size: int = 256, seed: int = 0,
     from d3n.data.preview import save_preview
 
     out = Path(out)
-    _check_args(images, size, val_frac)
-    params = _params(images, size, seed, val_frac)
+    _check_args(images, size, val_frac, test_frac)
+    params = _params(images, size, seed, val_frac, test_frac)
     if _existing(out, params, overwrite):
         log.info("%s: already holds this synthetic dataset, reusing it", out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        is_val = _split(images, val_frac, seed)
+        splits = _split(images, val_frac, seed, test_frac)
         for i in tqdm(range(images), desc="synth", unit="img", disable=not progress):
             rng = np.random.default_rng([seed, 0, i])
             arr, boxes = render(size, rng, first_class=i % len(CLASSES))
-            split = "val" if is_val[i] else "train"
+            split = splits[i]
             for sub, data in (("images", _jpeg(arr)), ("labels", _yolo_lines(boxes, size).encode())):
                 path = tmp / sub / split / f"synth_{i:05d}.{'jpg' if sub == 'images' else 'txt'}"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
         for sub in ("images", "labels"):  # an empty val split still exists as a folder
-            for split in ("train", "val"):
+            for split in ("train", "val", "test") if test_frac else ("train", "val"):
                 (tmp / sub / split).mkdir(parents=True, exist_ok=True)
-        write_data_yaml(tmp, CLASSES)
+        write_data_yaml(tmp, CLASSES, test=bool(test_frac))
         save_preview(tmp, tmp / "preview.png")
         write_json(tmp / PARAMS_FILE, params)
         if out.exists():

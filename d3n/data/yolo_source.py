@@ -1,4 +1,9 @@
-"""YOLO reader: data.yaml (names, train/val folders, optional `path`) with images/ and labels/ trees."""
+"""YOLO reader: data.yaml (names, train/val/test folders, optional `path`) with images/ and labels/ trees.
+
+Each image keeps the split whose folder it lies in; `test` is the held-out split. A data.yaml
+without a `test` key but with an images/test folder beside images/train gets that folder as test:
+such a folder holds test images the yaml just does not name, and dropping them silently loses them.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from d3n.data.layout import label_path_for
+from d3n.data.layout import SPLITS, label_path_for
 from d3n.data.source import Record, Source, image_files
 from d3n.data.validate import Problem, parse_yolo_label
 from d3n.errors import DataError
@@ -38,20 +43,32 @@ def _names(spec: dict, yaml_path: Path) -> list[str]:
     return [str(n) for n in names]
 
 
+def _split_folders(spec: dict, root: Path, yaml_path: Path) -> dict[str, Path]:
+    """Images folder per split the data.yaml lists (plus an unlisted images/test, see the module doc)."""
+    folders = {}
+    for split in SPLITS:
+        if not spec.get(split):
+            continue
+        if not isinstance(spec[split], str) or not (root / spec[split]).is_dir():
+            raise DataError(f"{yaml_path}: {split}: '{spec[split]}' is not a folder under {root}")
+        folders[split] = root / spec[split]
+    guess = root / "images" / "test"
+    if "test" not in folders and guess.is_dir() and guess not in folders.values():
+        log.warning("%s: no 'test' key; importing %s as the test split", yaml_path, guess)
+        folders["test"] = guess
+    if not folders:
+        raise DataError(f"{yaml_path}: lists no train, val or test folder")
+    return folders
+
+
 def read_yolo(src: Path) -> Source:
     yaml_path = src if src.is_file() else src / "data.yaml"
     spec = _spec(yaml_path)
     names = _names(spec, yaml_path)
     root = yaml_path.parent / spec["path"] if spec.get("path") else yaml_path.parent
-    if spec.get("test"):
-        log.warning("%s: the test split is not imported (the d3n layout has train and val)", yaml_path)
+    folders = _split_folders(spec, root, yaml_path)
     records, problems, stems = [], [], {}
-    for split in ("train", "val"):
-        if not spec.get(split):
-            continue
-        if not isinstance(spec[split], str) or not (root / spec[split]).is_dir():
-            raise DataError(f"{yaml_path}: {split}: '{spec[split]}' is not a folder under {root}")
-        folder = root / spec[split]
+    for split, folder in folders.items():
         if "images" not in folder.parts:
             raise DataError(f"{yaml_path}: {split}: '{folder}' must lie in an images/ tree (labels/ beside it)")
         for stem, paths in image_files(folder).items():
@@ -75,6 +92,4 @@ def read_yolo(src: Path) -> Source:
             for txt in sorted(labels_dir.glob("*.txt")):
                 if txt.stem not in split_stems:
                     problems.append(Problem(txt, f"annotation without image (no {txt.stem}.* in {folder})"))
-    if not any(spec.get(s) for s in ("train", "val")):
-        raise DataError(f"{yaml_path}: lists no train or val folder")
     return Source("yolo", root, records, names, problems, image_stems=set(stems))

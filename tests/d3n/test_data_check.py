@@ -25,6 +25,25 @@ def test_clean_dataset_counts(data):
     assert per_class == total
 
 
+def test_test_split_is_counted_and_checked(tmp_path):
+    data = generate(tmp_path / "t", images=20, size=64, seed=1, val_frac=0.2, test_frac=0.25, progress=False)
+    layout, counts, problems = check_dataset(data, progress=False)
+    assert problems == [] and layout.has("test")
+    assert list(counts) == ["train", "val", "test"]
+    assert {s: c["images"] for s, c in counts.items()} == {"train": 11, "val": 4, "test": 5}
+    bad = layout.label_path(layout.images("test")[0])
+    bad.write_text("7 0.5 0.5 0.1 0.1\n")
+    _, _, problems = check_dataset(data, progress=False)
+    assert [p.path for p in problems] == [bad] and "unknown class id 7" in problems[0].reason
+
+
+def test_listed_test_folder_missing_is_a_problem(tmp_path):
+    data = generate(tmp_path / "t", images=6, size=64, seed=1, test_frac=0.2, progress=False)
+    (data / "images" / "test").rename(data / "gone")
+    _, _, problems = check_dataset(data, progress=False)
+    assert any("split folder for 'test' missing" in p.reason for p in problems)
+
+
 def test_finds_corrupt_label_truncated_image_and_orphan_label(data):
     layout = DatasetLayout.open(data)
     img_bad, img_trunc = layout.images("train")[:2]
@@ -54,7 +73,7 @@ def test_image_without_label(data):
 def test_cli_check_exit_codes(data, capsys):
     assert main(["data", "check", str(data)]) == 0
     out = capsys.readouterr().out
-    assert "crazing" in out and "no problems found" in out
+    assert "crazing" in out and "no problems found" in out and "test images" not in out
     label = DatasetLayout.open(data).label_path(DatasetLayout.open(data).images("train")[0])
     label.write_text("0 1.5 0.5 0.2 0.2\n")
     assert main(["data", "check", str(data)]) == 1

@@ -1,4 +1,5 @@
-"""`d3n data import`: NEU-DET with its splits, every bad-input case, --skip-bad, COCO and YOLO sources."""
+"""`d3n data import`: NEU-DET with its splits, every bad-input case, --skip-bad, COCO and YOLO sources,
+the held-out test split (--splits test.txt, the source's own, --test-frac) and --eval-only."""
 
 from __future__ import annotations
 
@@ -89,6 +90,35 @@ def test_neu_det_import_with_splits(neu):
     assert report["skipped_count"] == 0 and not report["problems"]
 
 
+@pytest.fixture(scope="module")
+def neu3(tmp_path_factory):
+    if not (NEU / "ANNOTATIONS").is_dir() or not (NEU / "splits3" / "test.txt").is_file():
+        pytest.skip(f"NEU-DET with splits3/ not found at {NEU} (CI has ../shared beside the checkout)")
+    out = tmp_path_factory.mktemp("neu3") / "data"
+    report = import_dataset(NEU, out, splits=NEU / "splits3", progress=False)
+    return out, report
+
+
+def test_neu_det_splits3_keeps_the_test_split(neu3):
+    """splits3 is the split numbers are reported on: its 150 test images must land in test."""
+    out, report = neu3
+    layout = DatasetLayout.open(out)
+    assert {s: len(layout.images(s)) for s in ("train", "val", "test")} == {"train": 1200, "val": 150, "test": 150}
+    assert {s: c["images"] for s, c in report["counts"].items()} == {"train": 1200, "val": 150, "test": 150}
+    assert yaml.safe_load((out / "data.yaml").read_text())["test"] == "images/test"
+    for split in ("val", "test"):
+        listed = set((NEU / "splits3" / f"{split}.txt").read_text().split())
+        assert {p.stem for p in layout.images(split)} == listed
+    assert report["skipped_count"] == 0 and report["split"] == f"files in {NEU / 'splits3'}"
+
+
+def test_neu_det_without_test_has_no_test_key(neu):
+    out, _ = neu
+    layout = DatasetLayout.open(out)
+    assert "test" not in yaml.safe_load((out / "data.yaml").read_text())
+    assert layout.has("train") and layout.has("val") and not layout.has("test")
+
+
 # ---------------------------------------------------------------- the good paths
 
 def test_voc_random_split_sorted_names(tmp_path):
@@ -161,6 +191,170 @@ def test_yolo_import_keeps_names_and_splits(tmp_path):
     assert [p.stem for p in layout.images("val")] == ["val0", "val1"]
     np.testing.assert_allclose(layout.labels(layout.images("train")[0]),
                                [[1, 0.5, 0.5, 0.2, 0.4], [0, 0.25, 0.25, 0.1, 0.1]], atol=1e-5)
+
+
+# ---------------------------------------------------------------- the held-out test split
+
+def _split_files(folder: Path, **lists: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, stems in lists.items():
+        (folder / f"{split}.txt").write_text("".join(f"{s}\n" for s in stems))
+    return folder
+
+
+def _stems(out: Path) -> dict[str, set[str]]:
+    layout = DatasetLayout.open(out)
+    return {s: {p.stem for p in layout.images(s)} for s in layout.splits}
+
+
+def test_voc_split_files_with_test(tmp_path):
+    src = voc(tmp_path / "src", n=6)
+    splits = _split_files(tmp_path / "splits", train=["im0", "im1", "im2"], val=["im3"], test=["im4", "im5"])
+    report = import_dataset(src, tmp_path / "out", splits=splits, progress=False)
+    assert _stems(tmp_path / "out") == {"train": {"im0", "im1", "im2"}, "val": {"im3"}, "test": {"im4", "im5"}}
+    spec = yaml.safe_load((tmp_path / "out" / "data.yaml").read_text())
+    assert (spec["train"], spec["val"], spec["test"]) == ("images/train", "images/val", "images/test")
+    assert list(report["counts"]) == ["train", "val", "test"] and report["counts"]["test"]["images"] == 2
+    assert report["counts"]["test"]["boxes"] == 1 + 2  # im4: one box, im5: two
+    layout = DatasetLayout.open(tmp_path / "out")
+    assert [len(layout.labels(p)) for p in layout.images("test")] == [1, 2]
+
+
+def test_split_files_stem_in_two_files_or_in_none(tmp_path):
+    src = voc(tmp_path / "src", n=4)
+    splits = _split_files(tmp_path / "splits", train=["im0", "im1"], val=["im2"], test=["im1"])
+    msg = _fails(src, tmp_path, splits / "test.txt", splits=splits)
+    assert "'im1' is listed in both train.txt and test.txt" in msg
+    assert "'im3' is in none of train.txt, val.txt, test.txt" in msg
+
+
+def test_split_files_need_train_and_val_unless_eval_only(tmp_path):
+    src = voc(tmp_path / "src", n=3)
+    splits = _split_files(tmp_path / "splits", test=["im0", "im1", "im2"])
+    _fails(src, tmp_path, splits / "train.txt", "split file missing", splits=splits)
+    import_dataset(src, tmp_path / "out", splits=splits, eval_only=True, progress=False)
+    assert _stems(tmp_path / "out") == {"train": set(), "val": set(), "test": {"im0", "im1", "im2"}}
+
+
+def _yolo_test(root: Path, key: bool) -> Path:
+    _yolo(root)
+    for i in range(2):
+        _jpeg(root / "images" / "test" / f"test{i}.jpg", seed=10 + i)
+        (root / "labels" / "test").mkdir(parents=True, exist_ok=True)
+        (root / "labels" / "test" / f"test{i}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    if key:
+        spec = yaml.safe_load((root / "data.yaml").read_text()) | {"test": "images/test"}
+        (root / "data.yaml").write_text(yaml.safe_dump(spec))
+    return root
+
+
+@pytest.mark.parametrize("key", [True, False], ids=["test-key", "images-test-folder"])
+def test_yolo_keeps_its_test_split(tmp_path, key):
+    report = import_dataset(_yolo_test(tmp_path / "y", key), tmp_path / "out", progress=False)
+    assert _stems(tmp_path / "out") == {"train": {"train0", "train1", "train2"}, "val": {"val0", "val1"},
+                                        "test": {"test0", "test1"}}
+    assert report["split"] == "the source's own train/val/test"
+    layout = DatasetLayout.open(tmp_path / "out")
+    np.testing.assert_allclose(layout.labels(layout.images("test")[0]), [[0, 0.5, 0.5, 0.2, 0.2]])
+
+
+def test_yolo_own_test_kept_when_val_is_redrawn(tmp_path):
+    import_dataset(_yolo_test(tmp_path / "y", True), tmp_path / "out", val_frac=0.4, seed=3, progress=False)
+    stems = _stems(tmp_path / "out")
+    assert stems["test"] == {"test0", "test1"} and len(stems["val"]) == 2 and len(stems["train"]) == 3
+
+
+def _coco_split(src: Path, split: str, n: int, cats: list[dict] | None = None) -> None:
+    folder = src / f"{split}2017"
+    for i in range(n):
+        _jpeg(folder / f"{split}{i}.jpg", seed=i)
+    spec = {"images": [{"id": i, "file_name": f"{split}{i}.jpg"} for i in range(n)],
+            "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [4, 5, 10, 10]} for i in range(n)],
+            "categories": cats or [{"id": 1, "name": "dent"}]}
+    (src / "annotations").mkdir(parents=True, exist_ok=True)
+    (src / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(spec))
+
+
+def test_coco_json_per_split_keeps_test(tmp_path):
+    src = tmp_path / "coco"
+    for split, n in (("train", 3), ("val", 2), ("test", 2)):
+        _coco_split(src, split, n)
+    report = import_dataset(src, tmp_path / "out", progress=False)
+    assert _stems(tmp_path / "out") == {"train": {"train0", "train1", "train2"}, "val": {"val0", "val1"},
+                                        "test": {"test0", "test1"}}
+    assert report["counts"]["test"]["boxes"] == 2 and report["names"] == ["dent"]
+
+
+def test_coco_json_per_split_must_agree_on_categories(tmp_path):
+    src = tmp_path / "coco"
+    _coco_split(src, "train", 2)
+    _coco_split(src, "test", 1, cats=[{"id": 1, "name": "crack"}])
+    _fails(src, tmp_path, src / "annotations" / "instances_train2017.json", "categories differ")
+
+
+def test_coco_several_jsons_without_split_names(tmp_path):
+    src = tmp_path / "coco"
+    _coco_split(src, "train", 2)
+    (src / "annotations" / "instances_train2017.json").rename(src / "annotations" / "a.json")
+    _coco_split(src, "val", 1)
+    (src / "annotations" / "instances_val2017.json").rename(src / "annotations" / "b.json")
+    _fails(src, tmp_path, "a.json", "b.json", "one per split")
+
+
+def test_test_frac_gives_disjoint_seeded_splits(tmp_path):
+    src = voc(tmp_path / "src", n=20)
+    kw = {"val_frac": 0.2, "test_frac": 0.25, "progress": False}
+    report = import_dataset(src, tmp_path / "a", seed=7, **kw)
+    import_dataset(src, tmp_path / "b", seed=7, **kw)
+    import_dataset(src, tmp_path / "c", seed=8, **kw)
+    a, b, c = (_stems(tmp_path / n) for n in "abc")
+    assert a == b and a != c  # seeded
+    assert {s: len(v) for s, v in a.items()} == {"train": 11, "val": 4, "test": 5}
+    assert not (a["val"] & a["test"]) and set().union(*a.values()) == {f"im{i}" for i in range(20)}
+    assert report["split"] == "random, val_frac 0.2, test_frac 0.25, seed 7"
+    # val is drawn exactly as without --test-frac: test takes only from what was train
+    import_dataset(src, tmp_path / "d", seed=7, val_frac=0.2, progress=False)
+    assert _stems(tmp_path / "d")["val"] == a["val"] and not DatasetLayout.open(tmp_path / "d").has("test")
+
+
+def test_test_frac_zero_is_the_split_without_it(tmp_path):
+    src = voc(tmp_path / "src", n=10)
+    import_dataset(src, tmp_path / "a", seed=1, progress=False)
+    import_dataset(src, tmp_path / "b", seed=1, test_frac=0.0, progress=False)
+    assert _stems(tmp_path / "a") == _stems(tmp_path / "b")
+    assert (tmp_path / "a" / "data.yaml").read_text() == (tmp_path / "b" / "data.yaml").read_text()
+
+
+def test_eval_only_puts_everything_in_test(tmp_path):
+    src = voc(tmp_path / "src", n=5)
+    report = import_dataset(src, tmp_path / "out", eval_only=True, progress=False)
+    layout = DatasetLayout.open(tmp_path / "out")
+    assert _stems(tmp_path / "out") == {"train": set(), "val": set(), "test": {f"im{i}" for i in range(5)}}
+    assert layout.has("train") and layout.has("test")  # empty train/val folders: ultralytics needs the keys
+    assert list(report["counts"]) == ["test"] and report["split"] == "evaluation only: every image in test"
+
+
+def test_empty_train_without_eval_only_says_how(tmp_path):
+    src = voc(tmp_path / "src", n=4)
+    assert "--eval-only" in _fails(src, tmp_path, "--val-frac", val_frac=1.0)
+    assert "--eval-only" in _fails(src, tmp_path, "--test-frac", val_frac=0.5, test_frac=0.5)
+    splits = _split_files(tmp_path / "splits", train=[], val=[], test=["im0", "im1", "im2", "im3"])
+    assert "--eval-only" in _fails(src, tmp_path, src, "the train split is empty", splits=splits)
+    import_dataset(src, tmp_path / "ok", splits=splits, eval_only=True, progress=False)
+    assert len(DatasetLayout.open(tmp_path / "ok").images("test")) == 4
+
+
+def test_yolo_test_only_source_needs_eval_only(tmp_path):
+    src = _yolo_test(tmp_path / "y", True)
+    spec = yaml.safe_load((src / "data.yaml").read_text())
+    (src / "data.yaml").write_text(yaml.safe_dump({"names": spec["names"], "test": "images/test"}))
+    assert "--eval-only" in _fails(src, tmp_path, "the train split is empty")
+    import_dataset(src, tmp_path / "out", eval_only=True, progress=False)
+    assert _stems(tmp_path / "out")["test"] == {"test0", "test1"}
+
+
+def test_eval_only_refuses_shares(tmp_path):
+    _fails(voc(tmp_path / "src", n=2), tmp_path, "--eval-only", eval_only=True, val_frac=0.5)
 
 
 # ---------------------------------------------------------------- every bad input names the file
@@ -307,3 +501,14 @@ def test_cli_import_exit_codes(tmp_path, capsys):
     assert main(["data", "import", str(src), "--out", str(tmp_path / "b"), "--skip-bad"]) == 0
     out = capsys.readouterr().out
     assert "skipped 1 bad image(s)" in out and str(src / "IMAGES" / "im4.jpg") in out
+
+
+def test_cli_import_test_frac_and_eval_only(tmp_path, capsys):
+    src = voc(tmp_path / "src", n=10)
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "a"), "--test-frac", "0.2"]) == 0
+    assert "test images" in capsys.readouterr().out  # the counts table has a test column
+    assert len(DatasetLayout.open(tmp_path / "a").images("test")) == 2
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "b"), "--val-frac", "1.0"]) == 1
+    assert "--eval-only" in capsys.readouterr().err
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "b"), "--eval-only"]) == 0
+    assert len(DatasetLayout.open(tmp_path / "b").images("test")) == 10

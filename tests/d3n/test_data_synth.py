@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -81,6 +84,22 @@ def test_boxes_are_tight_around_the_drawn_defect():
     assert checked >= 10
 
 
+def test_no_test_split_by_default_and_test_frac_adds_one(tmp_path):
+    plain = generate(tmp_path / "p", images=10, size=64, seed=2, progress=False)
+    assert "test" not in yaml.safe_load((plain / "data.yaml").read_text())
+    assert "test_frac" not in json.loads((plain / "synth.json").read_text())  # old datasets still reused
+    assert not DatasetLayout.open(plain).has("test") and not (plain / "images" / "test").exists()
+    split = generate(tmp_path / "s", images=10, size=64, seed=2, test_frac=0.2, progress=False)
+    layout = DatasetLayout.open(split)
+    assert yaml.safe_load((split / "data.yaml").read_text())["test"] == "images/test"
+    sizes = {s: len(layout.images(s)) for s in ("train", "val", "test")}
+    assert sizes == {"train": 6, "val": 2, "test": 2}
+    # val is the same images with or without a test split; test takes from train
+    assert [p.name for p in layout.images("val")] == [p.name for p in DatasetLayout.open(plain).images("val")]
+    with pytest.raises(DataError, match="--test-frac"):
+        generate(tmp_path / "x", images=10, size=64, val_frac=0.5, test_frac=0.5, progress=False)
+
+
 def test_existing_folder_is_reused_or_refused(tmp_path):
     out = generate(tmp_path / "d", images=4, size=64, progress=False)
     stamp = (out / "data.yaml").stat().st_mtime_ns
@@ -99,6 +118,9 @@ def test_cli_synth_exit_codes(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(out), "--images", "7", "--size", "64"]) == 1
     assert str(out) in capsys.readouterr().err
     assert main(["data", "synth", "--out", str(tmp_path / "t"), "--size", "8"]) == 1
+    assert main(["data", "synth", "--out", str(tmp_path / "u"), "--images", "6", "--size", "64",
+                 "--test-frac", "0.2"]) == 0
+    assert len(DatasetLayout.open(tmp_path / "u").images("test")) == 1
 
 
 @settings(max_examples=25, deadline=None)
