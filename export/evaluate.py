@@ -1,30 +1,46 @@
-"""mAP of an exported ONNX model on a dataset split, scored by ultralytics' validator.
+"""Accuracy of an exported ONNX model on a dataset split, as the deployed runtime would detect.
 
-Both the FP32 and the INT8 model go through the same path (ORT CPU, the same letterbox, the same
-NMS and matching), so the two numbers are comparable.
+Both the FP32 and the INT8 model go through the same path (ORT CPU, the runtime's letterbox, decode
+and NMS at ultralytics' val settings, `d3n.metrics` matching and AP), so the two numbers compare,
+and they compare with training's: the same `d3n.metrics` keys, as fractions.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from d3n.boxes import xywh2xyxy
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ArtifactError
+from d3n.metrics import DetectionStats
+
+CONF, IOU, MAX_DET = 0.001, 0.7, 300  # ultralytics' val settings, as training scores
 
 
-def map50(model_path: Path, data: str | Path, imgsz: tuple[int, int], split: str = "val") -> dict:
-    from d3n.offline import ultralytics
+def evaluate_onnx(model_path: Path, data: str | Path, imgsz: tuple[int, int], split: str = "val") -> dict:
+    """`d3n.metrics` summary (plus `split`) of a raw-head ONNX model on DATA's `split`."""
+    from d3n.export.calib import read_image
+    from d3n.export.parity import ort_run, ort_session
+    from d3n.runtime.postprocess import class_thresholds, postprocess
+    from d3n.runtime.preprocess import prepare
 
     layout = DatasetLayout.open(data)
-    yolo = ultralytics().YOLO(str(model_path), task="detect")
-    size = imgsz[0] if imgsz[0] == imgsz[1] else max(imgsz)  # the validator takes one square size
-    with tempfile.TemporaryDirectory(prefix="d3n-val-") as tmp:
-        metrics = yolo.val(data=str(layout.yaml_path), imgsz=size, batch=1, split=split, device="cpu",
-                           plots=False, save_json=False, verbose=False, project=tmp, name="val", exist_ok=True)
-    out = {"mAP50": float(metrics.box.map50) * 100, "mAP50_95": float(metrics.box.map) * 100,
-           "images": len(layout.images(split)), "split": split}
-    if not all(math.isfinite(v) for v in (out["mAP50"], out["mAP50_95"])):
+    session = ort_session(model_path)
+    thresholds = class_thresholds(layout.nc, CONF)
+    stats = DetectionStats()
+    for path in layout.images(split):
+        img = read_image(path)
+        blob, lb = prepare(img, imgsz)
+        det = postprocess(ort_run(session, [blob])[0], lb, thresholds, iou=IOU, max_det=MAX_DET)
+        labels = layout.labels(path)
+        h, w = img.shape[:2]
+        # labels are normalised xywh; detections come back in original-frame pixels
+        true_xyxy = xywh2xyxy(labels[:, 1:5] * np.array([w, h, w, h], np.float32))
+        stats.add(det.xyxy, det.scores, det.class_ids, true_xyxy, labels[:, 0].astype(np.int64))
+    out = {**stats.summary(list(layout.names)), "split": split}
+    if not all(math.isfinite(out[k]) for k in ("mAP50", "mAP50-95")):
         raise ArtifactError(f"{model_path}: evaluation on {layout.yaml_path} gave non-finite mAP {out}")
     return out

@@ -171,15 +171,16 @@ def _export_int8(opts: ExportOptions, ckpt, out: Path, tmp: Path, extra: dict) -
     extra["quantization"] = quantize(fp32, qraw, _inputs(opts, opts.calib_images, "train"))
     extra["calibration_data"] = str(opts.calib)
     if opts.evaluate:
-        from d3n.export.evaluate import map50
+        from d3n.export.evaluate import evaluate_onnx
 
-        metrics = {"fp32": {"model": fp32.name, **map50(fp32, opts.calib, opts.imgsz)},
-                   "int8": {"model": out.name, **map50(qraw, opts.calib, opts.imgsz)}}
-        metrics["mAP50_drop"] = metrics["fp32"]["mAP50"] - metrics["int8"]["mAP50"]
+        metrics = {"fp32": {"model": fp32.name, **evaluate_onnx(fp32, opts.calib, opts.imgsz)},
+                   "int8": {"model": out.name, **evaluate_onnx(qraw, opts.calib, opts.imgsz)}}
+        # a fraction like the mAPs themselves (0.01 = one point)
+        metrics["mAP50_drop"] = round(metrics["fp32"]["mAP50"] - metrics["int8"]["mAP50"], 5)
         write_json(out.with_name(out.name.replace(".onnx", ".metrics.json")), metrics)
         extra["metrics"] = metrics
-        print(f"mAP50 on {opts.calib} val: FP32 {metrics['fp32']['mAP50']:.2f}, "
-              f"INT8 {metrics['int8']['mAP50']:.2f} (drop {metrics['mAP50_drop']:.2f} points)")
+        print(f"mAP50 on {opts.calib} val: FP32 {metrics['fp32']['mAP50']:.3f}, "
+              f"INT8 {metrics['int8']['mAP50']:.3f} (drop {metrics['mAP50_drop']:.3f})")
     if opts.nms:
         _add_onnx_nms(opts, ckpt, qraw, out, extra, check=False)  # INT8 is not bit-comparable
 

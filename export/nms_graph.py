@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from d3n.boxes import MAX_WH  # the class offset of the runtime's NMS, so both select alike
 from d3n.errors import D3NError
 
-MAX_WH = 7680.0  # ultralytics' class offset for batched NMS
 RAW = "raw_output0"
 OUT = "output0"
 

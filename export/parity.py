@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from d3n.boxes import box_iou
 from d3n.errors import ArtifactError
-from d3n.export.nms_graph import MAX_WH, NMSSettings
+from d3n.export.nms_graph import NMSSettings
+from d3n.runtime.postprocess import decode_raw_indexed
 
 TOLERANCE = {  # (boxes: max |diff| / max |box|, per image; scores: max |diff|)
     "fp32": (1e-3, 2e-3),
@@ -26,37 +28,14 @@ TOLERANCE = {  # (boxes: max |diff| / max |box|, per image; scores: max |diff|)
 MATCH_IOU = 0.99
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes (n, 4) x (m, 4)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9)
-
-
 def nms_numpy(raw: np.ndarray, s: NMSSettings, return_index: bool = False):
-    """ultralytics' non_max_suppression on one raw head output (4 + nc, N) -> (k, 6) xyxy, score, cls
-    (and the anchor index of each row when return_index)."""
-    pred = raw.T.astype(np.float32)
-    cls = pred[:, 4:]
-    label = cls.argmax(1)
-    score = cls[np.arange(len(cls)), label]
-    keep = score > s.conf
-    xy, wh = pred[keep, :2], pred[keep, 2:4]
-    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1)
-    score, label = score[keep], label[keep].astype(np.float32)
-    order = np.argsort(-score, kind="stable")
-    shifted = boxes + label[:, None] * MAX_WH
-    chosen: list[int] = []
-    while order.size and len(chosen) < s.max_det:
-        i = order[0]
-        chosen.append(i)
-        rest = order[1:]
-        order = rest[iou_matrix(shifted[i:i + 1], shifted[rest])[0] <= s.iou]
-    rows = np.concatenate([boxes, score[:, None], label[:, None]], 1)[chosen].reshape(-1, 6)
-    return (rows, np.where(keep)[0][chosen]) if return_index else rows
+    """One raw head output (4 + nc, N) through the runtime's own decode and NMS -> (k, 6) rows of
+    xyxy, score, class (and the anchor index of each row when return_index), so parity judges the
+    detections the deployed runtime would report."""
+    nc = raw.shape[0] - 4
+    det, anchors = decode_raw_indexed(raw, np.full(nc, s.conf, np.float32), s.iou, s.max_det)
+    rows = np.concatenate([det.xyxy, det.scores[:, None], det.class_ids[:, None].astype(np.float32)], 1)
+    return (rows, anchors) if return_index else rows
 
 
 @dataclass
@@ -93,7 +72,7 @@ def _borderline(a: np.ndarray, lone_a: set, b: np.ndarray, lone_b: set, s: NMSSe
                 sup = np.where((y[:, 5] == x[i, 5]) & (y[:, 4] >= x[i, 4] - band))[0]
                 if not len(sup):
                     continue
-                ious = iou_matrix(x[i:i + 1, :4], y[sup, :4])[0]
+                ious = box_iou(x[i:i + 1, :4], y[sup, :4])[0]
                 near = np.abs(ious - s.iou) <= IOU_FLIP
                 by_flip = (ious > s.iou) & np.isin(sup, list(ok_other))
                 by_tie = (ious > s.iou) & (np.abs(y[sup, 4] - x[i, 4]) <= band)
@@ -111,7 +90,7 @@ def match_detections(ref: np.ndarray, test: np.ndarray, s: NMSSettings, band: fl
     where that margin is within `band` is a tie in the class choice (a flip)."""
     m = DetectionMatch(n_ref=len(ref), n_test=len(test))
     used = np.zeros(len(test), bool)
-    ious = iou_matrix(ref[:, :4], test[:, :4]) if len(ref) and len(test) else np.zeros((len(ref), len(test)))
+    ious = box_iou(ref[:, :4], test[:, :4]) if len(ref) and len(test) else np.zeros((len(ref), len(test)))
     lone_ref = set()
     for i, r in enumerate(ref):
         close = (ious[i] > MATCH_IOU) | (np.abs(test[:, :4] - r[:4]).max(1) <= box_px) if len(test) else []

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from d3n.runtime.preprocess import Letterbox
+from d3n.boxes import Letterbox, batched_nms, scale_boxes, xywh2xyxy
 
 MAX_NMS = 30000  # candidates kept before NMS, as ultralytics
-MAX_WH = 7680  # per-class box offset for class-aware NMS, as ultralytics
 
 
 @dataclass
@@ -46,48 +45,6 @@ class Detections:
         ]
 
 
-def xywh2xyxy(b: np.ndarray) -> np.ndarray:
-    out = np.empty_like(b)
-    half_w, half_h = b[:, 2] / 2, b[:, 3] / 2
-    out[:, 0] = b[:, 0] - half_w
-    out[:, 1] = b[:, 1] - half_h
-    out[:, 2] = b[:, 0] + half_w
-    out[:, 3] = b[:, 1] + half_h
-    return out
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes: (n, 4) x (m, 4) -> (n, m)."""
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = w * h
-    return inter / (area_a[:, None] + area_b[None, :] - inter + 1e-12)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float, block: int = 2048) -> np.ndarray:
-    """Greedy NMS; returns indices of kept boxes in descending score order.
-
-    A box is suppressed when its IoU with a kept, higher-scoring box is > `iou_thres`
-    (torchvision's rule). Up to `block` boxes the IoU matrix is computed once, so the greedy
-    loop is one cheap row lookup per box; beyond that, rows are computed on demand.
-    """
-    order = np.argsort(-scores, kind="stable")
-    b = boxes[order].astype(np.float32)
-    n = len(b)
-    iou = box_iou(b, b) if n <= block else None
-    suppressed = np.zeros(n, dtype=bool)
-    keep = []
-    for i in range(n):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        row = iou[i, i + 1:] if iou is not None else box_iou(b[i:i + 1], b[i + 1:])[0]
-        suppressed[i + 1:] |= row > iou_thres
-    return order[np.asarray(keep, dtype=np.int64)]
-
-
 def class_thresholds(nc: int, conf: float, class_conf: dict[int, float] | None = None) -> np.ndarray:
     """Per-class score thresholds: `conf` everywhere, overridden per class id."""
     thr = np.full(nc, conf, dtype=np.float32)
@@ -103,22 +60,31 @@ def decode_raw(output: np.ndarray, thresholds: np.ndarray, iou: float = 0.7,
     `thresholds` holds one score threshold per class (see `class_thresholds`); a candidate is
     kept when its best class score is > that class's threshold.
     """
+    return decode_raw_indexed(output, thresholds, iou, max_det, box_format)[0]
+
+
+def decode_raw_indexed(output: np.ndarray, thresholds: np.ndarray, iou: float = 0.7,
+                       max_det: int = 300, box_format: str = "xywh") -> tuple[Detections, np.ndarray]:
+    """`decode_raw`, plus the anchor (column of `output`) each detection came from.
+
+    The export parity check needs the anchors to look at the class scores behind a detection.
+    """
     pred = np.asarray(output, dtype=np.float32)
     pred = pred[0] if pred.ndim == 3 else pred
     cls_scores = pred[4:]
     best = cls_scores.argmax(0)
     score = cls_scores[best, np.arange(cls_scores.shape[1])]
-    keep = score > thresholds[best]
-    if not keep.any():
-        return Detections.empty()
-    boxes = pred[:4, keep].T
+    anchors = np.flatnonzero(score > thresholds[best])
+    if not len(anchors):
+        return Detections.empty(), anchors
+    boxes = pred[:4, anchors].T
     boxes = xywh2xyxy(boxes) if box_format == "xywh" else boxes.copy()
-    score, best = score[keep], best[keep]
+    score, best = score[anchors], best[anchors]
     if len(score) > MAX_NMS:
         top = np.argsort(-score, kind="stable")[:MAX_NMS]
-        boxes, score, best = boxes[top], score[top], best[top]
-    kept = nms(boxes + best[:, None].astype(np.float32) * MAX_WH, score, iou)[:max_det]
-    return Detections(boxes[kept], score[kept], best[kept].astype(np.int64))
+        boxes, score, best, anchors = boxes[top], score[top], best[top], anchors[top]
+    kept = batched_nms(boxes, score, best, iou, max_det)
+    return Detections(boxes[kept], score[kept], best[kept].astype(np.int64)), anchors[kept]
 
 
 def decode_nms(output: np.ndarray, thresholds: np.ndarray, max_det: int = 300) -> Detections:
@@ -130,17 +96,6 @@ def decode_nms(output: np.ndarray, thresholds: np.ndarray, max_det: int = 300) -
     keep = valid & (rows[:, 4] > thresholds[np.clip(cls, 0, len(thresholds) - 1)])
     rows, cls = rows[keep][:max_det], cls[keep][:max_det]
     return Detections(rows[:, :4].copy(), rows[:, 4].copy(), cls)
-
-
-def scale_boxes(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
-    """Input-pixel xyxy -> original-frame xyxy (undo padding and gain, clip to the frame)."""
-    out = boxes.astype(np.float32, copy=True)
-    out[:, [0, 2]] = (out[:, [0, 2]] - lb.pad_x) / lb.gain_x
-    out[:, [1, 3]] = (out[:, [1, 3]] - lb.pad_y) / lb.gain_y
-    h, w = lb.orig_shape
-    out[:, [0, 2]] = out[:, [0, 2]].clip(0, w)
-    out[:, [1, 3]] = out[:, [1, 3]].clip(0, h)
-    return out
 
 
 def postprocess(output: np.ndarray, lb: Letterbox, thresholds: np.ndarray, kind: str = "raw",

@@ -3,27 +3,17 @@
 Same scale (min of the two ratios, up-scaling allowed), same rounding of the resized size, same
 split of the padding (`round(d/2 - 0.1)` before, `round(d/2 + 0.1)` after), pad value 114,
 bilinear resize. Any deviation shifts boxes by a pixel and changes scores, so the runtime's
-detections would no longer match what the model was validated with.
+detections would no longer match what the model was validated with. The geometry (`Letterbox`,
+`letterbox_geometry`) lives in `d3n.boxes`, shared with box scaling and evaluation; this module
+does the pixel work.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Letterbox:
-    """How a frame was mapped into the model input: per-axis gain and the top/left padding."""
-
-    gain_x: float
-    gain_y: float
-    pad_x: int
-    pad_y: int
-    orig_shape: tuple[int, int]  # (h, w) of the original frame
-    input_shape: tuple[int, int]  # (h, w) of the model input
+from d3n.boxes import Letterbox, letterbox_geometry
 
 
 def letterbox(img: np.ndarray, new_shape: tuple[int, int] | int, pad_value: int = 114
@@ -32,26 +22,16 @@ def letterbox(img: np.ndarray, new_shape: tuple[int, int] | int, pad_value: int 
 
     Returns the padded image and the `Letterbox` mapping needed to scale boxes back.
     """
-    if isinstance(new_shape, int):
-        new_shape = (new_shape, new_shape)
-    h, w = img.shape[:2]
-    r = min(new_shape[0] / h, new_shape[1] / w)
-    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
-    dw, dh = (new_shape[1] - new_w) / 2, (new_shape[0] - new_h) / 2
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
-    if (w, h) != (new_w, new_h):
+    lb = letterbox_geometry(img.shape[:2], new_shape)
+    new_h, new_w = lb.resized
+    if img.shape[:2] != (new_h, new_w):
         img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     if img.ndim == 2:
         img = img[..., None]
-    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT,
-                             value=(pad_value,) * 3)
+    img = cv2.copyMakeBorder(img, *lb.padding, cv2.BORDER_CONSTANT, value=(pad_value,) * 3)
     if img.ndim == 2:  # copyMakeBorder drops a singleton channel axis
         img = img[..., None]
-    # Per-axis gains from the rounded size, as ultralytics' scale_boxes computes them.
-    info = Letterbox(gain_x=new_w / w, gain_y=new_h / h, pad_x=left, pad_y=top,
-                     orig_shape=(h, w), input_shape=(int(new_shape[0]), int(new_shape[1])))
-    return img, info
+    return img, lb
 
 
 def to_blob(img: np.ndarray, rgb: bool = True, scale: float = 1.0 / 255.0,

@@ -11,6 +11,7 @@ import pytest
 
 from d3n import sidecar
 from d3n.export.exporter import ExportOptions, export_model
+from d3n.metrics import KEYS
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,13 @@ def int8_export(tiny_ckpt, synth_small, tmp_path_factory):
 def test_int8_is_scored_beside_fp32(int8_export):
     metrics = json.loads(int8_export.model.with_name("model.int8.metrics.json").read_text())
     for key in ("fp32", "int8"):
-        assert math.isfinite(metrics[key]["mAP50"]) and 0 <= metrics[key]["mAP50"] <= 100
+        # the keys and unit of training's metrics.json (d3n.metrics): fractions
+        assert set(KEYS) <= set(metrics[key])
+        for k in ("mAP50", "mAP50-95", "precision", "recall"):
+            assert math.isfinite(metrics[key][k]) and 0 <= metrics[key][k] <= 1
         assert metrics[key]["split"] == "val" and metrics[key]["images"] > 0
     assert metrics["fp32"]["model"] == "model.onnx" and metrics["int8"]["model"] == "model.int8.onnx"
-    assert metrics["mAP50_drop"] == pytest.approx(metrics["fp32"]["mAP50"] - metrics["int8"]["mAP50"])
+    assert metrics["mAP50_drop"] == pytest.approx(metrics["fp32"]["mAP50"] - metrics["int8"]["mAP50"], abs=1e-5)
     assert sidecar.load(int8_export.model).extra["metrics"] == metrics
 
 

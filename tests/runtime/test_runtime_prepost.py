@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 from conftest import IMGSZ, NAMES, make_frame
 
+from d3n.boxes import nms, scale_boxes
 from d3n.runtime.backends import open_backend
-from d3n.runtime.postprocess import (
-    Detections,
-    class_thresholds,
-    decode_nms,
-    nms,
-    postprocess,
-    scale_boxes,
-)
+from d3n.runtime.postprocess import Detections, class_thresholds, decode_nms, postprocess
 from d3n.runtime.preprocess import letterbox, prepare
 from d3n.runtime.roi import RoiMask
 
