@@ -54,6 +54,7 @@ class CompressSpec(StrictModel):
 
 
 class TeacherSpec(StrictModel):
+    init: Literal["weights", "baseline"] = "weights"  # baseline: start the teacher's detector from it
     fusion: FusionConfig = FusionConfig()
 
 
@@ -68,6 +69,7 @@ class PipelineConfig(StrictModel):
     # configs written before these keys existed); set, they apply to every stage, train included.
     device: Device | None = None
     seed: int | None = None
+    weights: Path | None = None  # initial weights of baseline, teacher detector and student (train.weights)
     data: DataSpec
     ddpm: DDPMSpec = DDPMSpec()
     compress: CompressSpec = CompressSpec()
@@ -77,13 +79,14 @@ class PipelineConfig(StrictModel):
     export: ExportSpec = ExportSpec()
 
     @model_validator(mode="after")
-    def _one_device_and_seed(self):
-        if self.device is None:
-            self.device = self.train.device
-        if self.seed is None:
-            self.seed = self.train.seed
-        if (self.train.device, self.train.seed) != (self.device, self.seed):
-            self.train = self.train.model_copy(update={"device": self.device, "seed": self.seed})
+    def _one_device_seed_and_weights(self):
+        # assignments re-run this validator (validate_assignment): assign only what changes
+        for name in ("device", "seed", "weights"):
+            if getattr(self, name) is None and getattr(self.train, name) is not None:
+                setattr(self, name, getattr(self.train, name))
+        want = {"device": self.device, "seed": self.seed, "weights": self.weights}
+        if any(getattr(self.train, k) != v for k, v in want.items() if v is not None):
+            self.train = self.train.model_copy(update={k: v for k, v in want.items() if v is not None})
         return self
 
 
@@ -98,6 +101,8 @@ def load_config(path: Path) -> PipelineConfig:
         p = getattr(d, attr)
         if p is not None and not p.is_absolute():
             setattr(d, attr, (base / p).resolve())
+    if cfg.weights is not None and not cfg.weights.is_absolute():
+        cfg.weights = (base / cfg.weights).resolve()
     return cfg
 
 
@@ -111,8 +116,9 @@ class Pipeline:
     def dir(self, stage: str) -> Path:
         return self.out / stage
 
-    def inputs(self, stage: Stage) -> dict[str, Path]:
-        return {name: self.dir(i.stage) / i.path for name, i in stage.reads.items()}
+    def inputs(self, stage: Stage, optional: set[str] = frozenset()) -> dict[str, Path]:
+        return {name: self.dir(i.stage) / i.path for name, i in stage.reads.items()
+                if not i.optional or name in optional}
 
     def run(self, stages: list[str] | None = None) -> dict:
         wanted = stages or list(NAMES)
@@ -135,7 +141,8 @@ class Pipeline:
     def _run_stage(self, stage: Stage) -> None:
         d, inputs = self.dir(stage.name), self.inputs(stage)
         config = stage.impl().from_pipeline(self.cfg, inputs)
-        key = stage_key(stage, config, self.out)
+        inputs = self.inputs(stage, stage.wanted(config, inputs))
+        key = stage_key(stage, config, self.out, inputs)
         state_file = d / STATE
         state = read_json(state_file) if state_file.exists() else {}
         if state.get("key") == key and (d / MANIFEST).exists():

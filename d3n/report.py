@@ -15,9 +15,16 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def reported(m: dict) -> dict:
+    """A model's numbers on the split its metrics.json says to quote (test when the dataset has one:
+    val chose the checkpoint), with its size and cost."""
+    split = m.get("report_split", "val")
+    return {**m, **(m.get(split) or {}), "split": split}
+
+
 def collect(out: Path) -> dict:
     """The detectors' metrics (the registry's stages that train one) and every stage's time."""
-    models = {s.model: m for s in STAGES if s.model and (m := _load(out / s.name / METRICS))}
+    models = {s.model: reported(m) for s in STAGES if s.model and (m := _load(out / s.name / METRICS))}
     stages = {s.name: man.get("seconds") for s in STAGES if (man := _load(out / s.name / MANIFEST))}
     return {"models": models, "stage_seconds": stages}
 
@@ -73,7 +80,11 @@ def write_report(out: Path, timings: dict | None = None, status: dict | None = N
     models = data["models"]
     md = ["# D3N pipeline report", "", f"Run folder: `{out}`", ""]
     if models:
-        md += ["## Detection (val split)", "", table(models), ""]
+        splits = sorted({m["split"] for m in models.values()})
+        where = (f"{splits[0]} split" if len(splits) == 1 else "splits " + ", ".join(
+            f"{k}: {m['split']}" for k, m in models.items()))
+        chosen = " (checkpoints chosen on val)" if "test" in splits else " (the split that also chose the checkpoints)"
+        md += [f"## Detection ({where}{chosen})", "", table(models), ""]
         if "baseline" in models and "student" in models:
             d = (models["student"]["mAP50"] or 0) - (models["baseline"]["mAP50"] or 0)
             md += [f"Student vs baseline mAP50: {d:+.3f} (paper, NEU-DET 512 px, 100 epochs: +0.024).", ""]

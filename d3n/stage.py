@@ -10,6 +10,8 @@ A stage is one module that defines
 - optionally `external(config) -> dict`: fingerprints of files outside the run folder that it
   reads (a dataset to import), so that a change of them reruns it;
 - optionally `writes(config) -> list[str]`: its outputs when they depend on the config;
+- optionally `wants(config, inputs) -> set[str]`: the optional inputs this run reads (a baseline to
+  start from, a test split's repository), so an unused one neither is required nor enters the key;
 - optionally `OWN_MANIFEST = True`: its run writes `config.yaml` and a complete manifest itself
   (the resumable stage-1 tools, which check their own with `is_complete` to resume or skip).
 
@@ -42,6 +44,7 @@ class Input:
     stage: str
     path: str = "."
     help: str = ""
+    optional: bool = False  # read only when the stage's `wants(config, inputs)` names it
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,13 @@ class Stage:
     def impl(self) -> ModuleType:
         return importlib.import_module(self.module)
 
-    def upstream(self) -> list[str]:
-        return sorted({i.stage for i in self.reads.values()})
+    def upstream(self, inputs: dict[str, Path] | None = None) -> list[str]:
+        """The stages it reads: all of its required inputs' and, given `inputs`, the optional ones there."""
+        return sorted({i.stage for n, i in self.reads.items() if not i.optional or (inputs and n in inputs)})
+
+    def wanted(self, config: Any, inputs: dict[str, Path]) -> set[str]:
+        impl = self.impl()
+        return set(impl.wants(config, inputs)) if hasattr(impl, "wants") else set()
 
 
 def portable(value: Any, root: Path) -> Any:
@@ -74,12 +82,12 @@ def portable(value: Any, root: Path) -> Any:
     return value
 
 
-def stage_key(stage: Stage, config: Any, root: Path) -> str:
+def stage_key(stage: Stage, config: Any, root: Path, inputs: dict[str, Path]) -> str:
     """The one place a stage key is computed: the config's identity (no placement fields), the
     fingerprints of the external files it reads, and the manifests of the stages it reads."""
     impl = stage.impl()
     external = impl.external(config) if hasattr(impl, "external") else {}
-    upstream = {s: fingerprint(root / s / MANIFEST) for s in stage.upstream()}
+    upstream = {s: fingerprint(root / s / MANIFEST) for s in stage.upstream(inputs)}
     blob = json.dumps({"stage": stage.name, "config": portable(identity(config, mode="json"), root),
                        "external": external, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -112,9 +120,9 @@ def add_inputs(parser: argparse.ArgumentParser, stage: Stage) -> None:
     """One required `--NAME PATH` option per artifact the stage reads (the per-stage commands)."""
     for name, inp in stage.reads.items():
         where = f"{inp.stage} run folder" if inp.path == "." else f"{inp.stage}'s {inp.path}"
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True,
-                            help=inp.help or f"the {where}")
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=not inp.optional,
+                            help=(inp.help or f"the {where}") + (" (optional)" if inp.optional else ""))
 
 
 def inputs_from_args(stage: Stage, args: argparse.Namespace) -> dict[str, Path]:
-    return {name: Path(getattr(args, name)) for name in stage.reads}
+    return {name: Path(v) for name in stage.reads if (v := getattr(args, name, None)) is not None}

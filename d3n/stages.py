@@ -27,7 +27,11 @@ STAGES: tuple[Stage, ...] = (
           help="the plain YOLOv5s"),
     Stage("teacher", "d3n.train.teacher.stage",
           {"data": DATASET, "repo": Input("compress", "train", "compressed repository of the train split"),
-           "val_repo": Input("compress", "val", "compressed repository of the val split")},
+           "val_repo": Input("compress", "val", "compressed repository of the val split"),
+           "test_repo": Input("compress", "test", "compressed repository of the test split, when the dataset "
+                                                  "has one", optional=True),
+           "baseline": Input("baseline", "best.pt", "trained baseline to start the detector from (init: baseline)",
+                             optional=True)},
           ("best.pt", METRICS), model="teacher", help="YOLOv5s fused with DDPM features (Fig. 4)"),
     Stage("distill", "d3n.distill.trainer",
           {"teacher": Input("teacher", "best.pt", "teacher run's best.pt"), "data": DATASET,

@@ -28,13 +28,13 @@ def _distill(args) -> int:
     from d3n.stage import execute, inputs_from_args
     from d3n.stages import get
     from d3n.train.cli import train_overrides
-    from d3n.train.detector.loop import TrainConfig
+    from d3n.train.detector.loop import TrainConfig, headline
 
     tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
     dcfg = DistillConfig() if args.weight is None else DistillConfig(weight=args.weight)
     stage = get("distill")
     m = execute(stage, trainer.Config(resvae=args.resvae, distill=dcfg, train=tcfg), inputs_from_args(stage, args),
                 args.out)
-    print(f"student: mAP50 {m['mAP50']:.3f}  mAP50-95 {m['mAP50-95']:.3f}  params {m['params']:,} "
+    print(f"student: {headline(m)}  params {m['params']:,} "
           f"(baseline {m['baseline_params']:,})  -> {args.out / 'best.pt'}")
     return 0

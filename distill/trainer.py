@@ -20,7 +20,7 @@ from d3n.distill.loss import DistillConfig, DistillLoss
 from d3n.errors import ArtifactError
 from d3n.train.detector import model as detector
 from d3n.train.detector.baseline import finish, train_args
-from d3n.train.detector.loop import TrainConfig, train
+from d3n.train.detector.loop import TrainConfig, train, weights_key
 from d3n.train.detector.profile import complexity
 from d3n.train.device import resolve_device
 from d3n.train.teacher.features import FeatureProvider
@@ -75,6 +75,10 @@ class DistillTask:
         detector.save(model, path, self.train_args, metrics)
 
 
+def external(cfg: Config) -> dict:
+    return weights_key(cfg.train)
+
+
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     layout = DatasetLayout.open(inputs["data"])
     teacher_ckpt, repo = inputs["teacher"], inputs["repo"]
@@ -87,6 +91,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         raise ArtifactError(f"{repo}: decodes to {features.channels} channels, teacher {teacher_ckpt} "
                             f"was trained on {teacher.config.ddpm_channels}")
     student = detector.build(layout.nc, list(layout.names))
+    if cfg.train.weights:  # the same initial weights as the baseline and the teacher's detector
+        detector.weights_from(cfg.train.weights, student)
     args = train_args(layout, cfg.train)
     task = DistillTask(student, teacher, features, cfg.train.imgsz, DistillLoss(cfg.distill), args,
                         {"config": identity(cfg, mode="json"), "teacher": sha256_file(teacher_ckpt)})

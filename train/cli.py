@@ -16,7 +16,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_inputs(b, get("baseline"))
     b.add_argument("--out", type=Path, required=True, help="run folder to write")
     b.add_argument("--config", type=Path, help="YAML with train settings (TrainConfig keys)")
-    b.add_argument("--weights", type=Path, help="initial weights (default: from scratch)")
     add_train_args(b)
     b.set_defaults(func=_baseline)
     p.set_defaults(func=lambda a: p.print_help() or 2)
@@ -65,48 +64,55 @@ def fusion_overrides(mode: str | None, off: str) -> dict:
     return {"mode": mode, **over} if mode else over
 
 
+TRAIN_ARGS = ("imgsz", "epochs", "batch", "device", "seed", "workers", "optimizer", "lr0", "weights")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imgsz", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch", type=int)
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int)
+    p.add_argument("--optimizer", choices=("SGD", "AdamW", "auto"),
+                   help="default auto: ultralytics' rule, which picks AdamW at its own lr for short runs")
+    p.add_argument("--lr0", type=float, help="initial learning rate (SGD, AdamW)")
+    p.add_argument("--weights", type=Path, help="initial weights, a local .pt (default: from scratch)")
 
 
 def train_overrides(args) -> dict:
     from d3n.config import load_yaml
 
     base = load_yaml(args.config) if getattr(args, "config", None) else {}
-    over = {k: getattr(args, k) for k in ("imgsz", "epochs", "batch", "device", "seed", "workers")}
+    over = {k: getattr(args, k, None) for k in TRAIN_ARGS}
     return {**base, **{k: v for k, v in over.items() if v is not None}}
 
 
 def _baseline(args) -> int:
     from d3n.config import validate
     from d3n.train.detector import baseline
-    from d3n.train.detector.loop import TrainConfig
+    from d3n.train.detector.loop import TrainConfig, headline
 
     tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
-    m = execute(get("baseline"), baseline.Config(weights=args.weights, train=tcfg), inputs_from_args(get("baseline"), args),
-                args.out)
-    print(f"baseline: mAP50 {m['mAP50']:.3f}  mAP50-95 {m['mAP50-95']:.3f}  params {m['params']:,}  "
+    m = execute(get("baseline"), baseline.Config(train=tcfg), inputs_from_args(get("baseline"), args), args.out)
+    print(f"baseline: {headline(m)}  params {m['params']:,}  "
           f"GFLOPs {m['gflops']:.2f} @ {m['imgsz']} -> {args.out / 'best.pt'}")
     return 0
 
 
 def _teacher(args) -> int:
     from d3n.config import validate
-    from d3n.train.detector.loop import TrainConfig
+    from d3n.train.detector.loop import TrainConfig, headline
     from d3n.train.teacher import stage as teacher
     from d3n.train.teacher.fusion import FusionConfig
 
     tcfg = validate(TrainConfig, train_overrides(args), str(args.config or "command line"))
     fusion = validate(FusionConfig, fusion_overrides(args.fusion, args.fusion_off), "--fusion/--fusion-off")
     stage = get("teacher")
-    m = execute(stage, teacher.Config(resvae=args.resvae, fusion=fusion, train=tcfg), inputs_from_args(stage, args),
-                args.out)
-    print(f"teacher: mAP50 {m['mAP50']:.3f}  mAP50-95 {m['mAP50-95']:.3f}  branch weights {m['branch_weights']}"
+    init = "baseline" if args.baseline is not None else "weights"
+    m = execute(stage, teacher.Config(init=init, resvae=args.resvae, fusion=fusion, train=tcfg),
+                inputs_from_args(stage, args), args.out)
+    print(f"teacher: {headline(m)}  branch weights {m['branch_weights']}"
           f"  -> {args.out / 'best.pt'}")
     return 0
 

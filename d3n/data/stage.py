@@ -15,14 +15,16 @@ class SynthSpec(StrictModel):
     size: int = 256
     seed: int = 0
     val_frac: float = 0.2
+    test_frac: float = 0.0  # a held-out split to report on (val chooses checkpoints)
 
 
 class Config(StrictModel):
     synth: SynthSpec | None = None  # generate the synthetic defect dataset, or
     source: Path | None = None  # import this dataset (VOC / YOLO / COCO)
     format: Literal["voc", "yolo", "coco"] | None = None
-    splits: Path | None = None  # folder with train.txt / val.txt stems
+    splits: Path | None = None  # folder with train.txt / val.txt [/ test.txt] stems
     val_frac: float = 0.2
+    test_frac: float | None = None  # a seeded held-out test split, when the source has none
     seed: int = 0
     skip_bad: bool = False
 
@@ -47,10 +49,12 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         from d3n.data.synth import generate
 
         s = cfg.synth
-        generate(target, images=s.images, size=s.size, seed=s.seed, val_frac=s.val_frac)
+        generate(target, images=s.images, size=s.size, seed=s.seed, val_frac=s.val_frac, test_frac=s.test_frac)
     else:
         from d3n.data.importer import import_dataset
 
-        import_dataset(cfg.source, target, fmt=cfg.format, splits=cfg.splits, val_frac=cfg.val_frac,
-                       seed=cfg.seed, skip_bad=cfg.skip_bad)
+        # with split files the files decide; a val fraction next to them would contradict them
+        val_frac = None if cfg.splits is not None else cfg.val_frac
+        import_dataset(cfg.source, target, fmt=cfg.format, splits=cfg.splits, val_frac=val_frac,
+                       test_frac=cfg.test_frac, seed=cfg.seed, skip_bad=cfg.skip_bad)
     return {}

@@ -16,7 +16,7 @@ from d3n.stages import NAMES as STAGES
 ROOT = Path(__file__).resolve().parents[2]
 
 MICRO = {
-    "data": {"synth": {"images": 20, "size": 96, "seed": 0}},
+    "data": {"synth": {"images": 20, "size": 96, "seed": 0, "test_frac": 0.2}},
     "ddpm": {"preset": "tiny", "size": 16, "steps": 3, "batch": 4},
     "compress": {"method": "resvae", "steps": 3, "batch": 16},
     "train": {"imgsz": 96, "epochs": 1, "batch": 8, "workers": 0},
@@ -138,6 +138,92 @@ def test_killed_stage_resumes_and_changed_config_reruns(micro_pipeline, tmp_path
     p = Pipeline(load_config(path))
     p.run(stages)
     assert p.status["baseline"] == "ran"
+
+
+def test_checkpoints_chosen_on_val_numbers_reported_on_test(micro_pipeline):
+    _, out = micro_pipeline
+    for stage in ("baseline", "teacher", "distill"):
+        m = json.loads((out / stage / "metrics.json").read_text())
+        assert m["selected_on"] == "val" and m["report_split"] == "test", stage
+        assert set(m["test"]) >= {"mAP50", "mAP50-95", "per_class_AP50"} and m["val"]["mAP50"] == m["mAP50"]
+    assert (out / "compress" / "test" / "manifest.json").exists()  # the teacher's test features
+    report = (out / "report.md").read_text()
+    assert "## Detection (test split (checkpoints chosen on val))" in report
+
+
+def _capture_start(monkeypatch, module):
+    """Replace the stage's call of the training loop by one that records the model it was given."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(task, *a, **k):
+        seen["model"] = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+        raise Stop
+
+    monkeypatch.setattr(module, "train", fake_train)
+    return seen, Stop
+
+
+def test_initial_weights_reach_baseline_teacher_and_student(micro_pipeline, tmp_path, monkeypatch):
+    """One weights file starts all three detectors (and init: baseline starts the teacher from the
+    trained baseline): the parameters each starts training with are the file's."""
+    from d3n.distill import trainer
+    from d3n.train.detector import baseline
+    from d3n.train.detector import model as detector
+    from d3n.train.detector.loop import TrainConfig
+    from d3n.train.teacher import stage as teacher
+
+    _, out = micro_pipeline
+    data = out / "data" / "dataset"
+    weights = tmp_path / "init.pt"
+    src = detector.load(out / "baseline" / "best.pt")
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.01)
+    detector.save(src, weights, {}, {})
+    want = detector.load(weights).state_dict()
+    tcfg = TrainConfig(imgsz=96, epochs=1, batch=8, workers=0, weights=weights)
+    repos = {"repo": out / "compress" / "train", "val_repo": out / "compress" / "val",
+             "test_repo": out / "compress" / "test"}
+
+    def same(got: dict, prefix: str = "") -> bool:
+        keys = [k for k in want if k.startswith("model.") and "cv3" not in k and "dfl" not in k]
+        return all(torch.equal(got[prefix + k].float(), want[k].float()) for k in keys)
+
+    for module, run in [
+        (baseline, lambda: baseline.run(baseline.Config(train=tcfg), {"data": data}, tmp_path / "b")),
+        (trainer, lambda: trainer.run(trainer.Config(train=tcfg), {"data": data, "repo": repos["repo"],
+                                                                   "teacher": out / "teacher" / "best.pt"},
+                                      tmp_path / "s")),
+        (teacher, lambda: teacher.run(teacher.Config(train=tcfg), {"data": data, **repos}, tmp_path / "t")),
+    ]:
+        seen, stop = _capture_start(monkeypatch, module)
+        with pytest.raises(stop):
+            run()
+        assert same(seen["model"], "detector." if module is teacher else ""), module.__name__
+    seen, stop = _capture_start(monkeypatch, teacher)
+    with pytest.raises(stop):
+        teacher.run(teacher.Config(init="baseline", train=tcfg.model_copy(update={"weights": None})),
+                    {"data": data, **repos, "baseline": out / "baseline" / "best.pt"}, tmp_path / "t2")
+    base = detector.load(out / "baseline" / "best.pt").state_dict()
+    assert all(torch.equal(seen["model"]["detector." + k].float(), v.float()) for k, v in base.items()
+               if k.startswith("model."))
+
+
+def test_missing_initial_weights_name_the_file(micro_pipeline, tmp_path):
+    cfg, _ = micro_pipeline
+    data = yaml.safe_load(cfg.read_text())
+    data["weights"] = "nowhere/yolov5s.pt"
+    data["out"] = str(tmp_path / "run")
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(data))
+    from d3n.errors import ArtifactError
+    from d3n.pipeline import Pipeline
+
+    with pytest.raises(ArtifactError, match="nowhere/yolov5s.pt: initial weights not found"):
+        Pipeline(load_config(path)).run(["data", "baseline"])
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "neu-det.yaml", "neu-det-cpu.yaml"])

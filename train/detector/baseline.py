@@ -8,14 +8,13 @@ from d3n.artifacts import METRICS, write_json
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.train.detector import model as detector
-from d3n.train.detector.loop import TrainConfig, train
+from d3n.train.detector.loop import TrainConfig, summary, train, weights_key
 from d3n.train.detector.plots import plot_history, plot_per_class
 from d3n.train.detector.profile import complexity
 
 
 class Config(StrictModel):
-    weights: Path | None = None  # start from these weights instead of scratch
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig()  # train.weights: start from these weights instead of scratch
 
 
 BaselineConfig = Config
@@ -25,11 +24,15 @@ def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
     return Config(train=pcfg.train)
 
 
+def external(cfg: Config) -> dict:
+    return weights_key(cfg.train)
+
+
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     layout = DatasetLayout.open(inputs["data"])
     model = detector.build(layout.nc, list(layout.names))
-    if cfg.weights:
-        detector.weights_from(cfg.weights, model)
+    if cfg.train.weights:
+        detector.weights_from(cfg.train.weights, model)
     best = train(detector.DetectorTask(model, train_args(layout, cfg.train)), cfg.train, layout.root, out,
                  list(layout.names))
     return finish(out, best, model, cfg.train, "baseline")
@@ -43,15 +46,14 @@ def train_args(layout: DatasetLayout, tcfg: TrainConfig) -> dict:
 
 def finish(out: Path, best: dict, model, tcfg: TrainConfig, title: str) -> dict:
     """metrics.json and plots, shared by the plain-detector stages (baseline, student)."""
-    history = best.pop("history", [])
-    metrics = {k: best.get(k) for k in ("mAP50", "mAP50-95", "precision", "recall", "per_class_AP50",
-                                         "epoch", "images", "instances")}
-    metrics["best_epoch"] = metrics.pop("epoch")
+    history = best.get("history", [])
+    metrics = summary(best) | {k: best.get(k) for k in ("images", "instances")}
     metrics.update(complexity(model, tcfg.imgsz))
-    metrics.update({"imgsz": tcfg.imgsz, "epochs": tcfg.epochs, "seed": tcfg.seed,
-                    "train_seconds": round(sum(r["seconds"] for r in history), 1)})
+    metrics.update({"imgsz": tcfg.imgsz, "epochs": tcfg.epochs, "seed": tcfg.seed})
     write_json(out / METRICS, metrics)
     if history:
         plot_history(history, out / "results.png", title)
-    plot_per_class(metrics["per_class_AP50"] or {}, out / "per_class_ap50.png", f"{title}: AP50 per class")
+    shown = metrics.get(metrics["report_split"]) or metrics
+    plot_per_class(shown["per_class_AP50"] or {}, out / "per_class_ap50.png",
+                   f"{title}: AP50 per class ({metrics['report_split']})")
     return metrics

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from d3n.config import StrictModel, identity, placement
+from d3n.data.layout import DatasetLayout
 from d3n.train.checkpoint import EMA, load_state, rng_state, save_state, set_rng_state
 from d3n.train.detector.data import AugmentConfig, DetectionDataset, collate, seed_worker
 from d3n.train.detector.evaluate import evaluate, fitness
@@ -43,7 +44,8 @@ class TrainConfig(StrictModel):
     device: Device = "cpu"  # cpu, cuda, cuda:N or auto
     seed: int = 0
     workers: int = placement(2)  # data-loader processes: where the run happens, not what it makes
-    optimizer: Literal["auto", "SGD", "AdamW"] = "auto"
+    optimizer: Literal["auto", "SGD", "AdamW"] = "auto"  # auto: ultralytics' rule, which ignores lr0
+    weights: Path | None = None  # initial weights of every detector (a local .pt; nothing is downloaded)
     lr0: float = 0.01
     lrf: float = 0.01
     momentum: float = 0.937
@@ -98,10 +100,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, nc: int, iterations: int):
-    """Three groups as ultralytics: weights with decay, norm weights and biases without."""
+    """Three groups as ultralytics: weights with decay, norm weights and biases without. Returns the
+    optimiser and what it is (name, lr0, momentum, and what `auto` resolved to), for the log and
+    metrics.json: `auto` overrides lr0, so a run must say what it really trained with."""
     name, lr, momentum = cfg.optimizer, cfg.lr0, cfg.momentum
     if name == "auto":  # ultralytics' rule: AdamW with a fitted lr for short runs, SGD for long ones
         name, lr, momentum = ("SGD", 0.01, 0.9) if iterations > 10000 else ("AdamW", round(0.002 * 5 / (4 + nc), 6), 0.9)
+    info = {"name": name, "lr0": lr, "momentum": momentum, "weight_decay": cfg.weight_decay,
+            "from": f"auto ({iterations} iterations, {nc} classes)" if cfg.optimizer == "auto" else "config"}
     decay, no_decay, bias = [], [], []
     for module in model.modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -119,18 +125,23 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, nc: int, iteration
         opt = torch.optim.SGD(bias, lr=lr, momentum=momentum, nesterov=True)
     opt.add_param_group({"params": decay, "weight_decay": cfg.weight_decay})
     opt.add_param_group({"params": no_decay, "weight_decay": 0.0})
-    return opt, lr
+    return opt, info
 
 
 def make_loaders(cfg: TrainConfig, data: Path):
+    """Train and val loaders, and a test loader when the dataset has a held-out test split (its
+    numbers are recorded for the checkpoint val chose, never used to choose)."""
     train_ds = DetectionDataset(data, "train", cfg.imgsz, cfg.augment(), seed=cfg.seed)
-    val_ds = DetectionDataset(data, "val", cfg.imgsz)
     g = torch.Generator().manual_seed(cfg.seed)
     kw = {"num_workers": cfg.workers, "collate_fn": collate, "worker_init_fn": seed_worker,
           "persistent_workers": cfg.workers > 0}
     train = DataLoader(train_ds, batch_size=cfg.batch, shuffle=True, generator=g, drop_last=False, **kw)
-    val = DataLoader(val_ds, batch_size=cfg.batch, shuffle=False, **kw)
-    return train, val
+    val = DataLoader(DetectionDataset(data, "val", cfg.imgsz), batch_size=cfg.batch, shuffle=False, **kw)
+    layout = DatasetLayout.open(data)
+    test = None
+    if layout.has("test") and layout.images("test"):
+        test = DataLoader(DetectionDataset(data, "test", cfg.imgsz), batch_size=cfg.batch, shuffle=False, **kw)
+    return train, val, test
 
 
 def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
@@ -144,12 +155,15 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model = task.model.to(device)
-    train_loader, val_loader = make_loaders(cfg, data)
+    train_loader, val_loader, test_loader = make_loaders(cfg, data)
     nb = len(train_loader)
     accumulate = max(round(cfg.nbs / cfg.batch), 1)
     cfg_wd = cfg.weight_decay * cfg.batch * accumulate / cfg.nbs
-    opt, lr0 = build_optimizer(model, cfg.model_copy(update={"weight_decay": cfg_wd}), len(names),
-                               math.ceil(len(train_loader.dataset) / max(cfg.batch, cfg.nbs)) * cfg.epochs)
+    opt, opt_info = build_optimizer(model, cfg.model_copy(update={"weight_decay": cfg_wd}), len(names),
+                                    math.ceil(len(train_loader.dataset) / max(cfg.batch, cfg.nbs)) * cfg.epochs)
+    log.info("optimizer %s lr0 %g momentum %g (%s)", opt_info["name"], opt_info["lr0"], opt_info["momentum"],
+             opt_info["from"])
+    lr0 = opt_info["lr0"]
     lf = lambda e: (1 - e / cfg.epochs) * (1.0 - cfg.lrf) + cfg.lrf  # noqa: E731  linear decay
     for g in opt.param_groups:
         g["initial_lr"] = lr0
@@ -197,6 +211,9 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
             row.update({k: metrics[k] for k in ("mAP50", "mAP50-95", "precision", "recall")})
             if best is None or fitness(metrics) >= fitness(best):
                 best = {**metrics, "epoch": epoch + 1}
+                if test_loader is not None:  # reported, never used to choose
+                    best["test"] = evaluate(lambda b: task.predict(ema.ema, to_device(b, device)), test_loader,
+                                            names, desc="test")
                 task.save(ema.ema, out / "best.pt", best)
         if on_epoch is not None:
             row.update(on_epoch(model, epoch) or {})
@@ -206,7 +223,45 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
         log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, {k: round(v, 4) if isinstance(v, float) else v
                                                            for k, v in row.items()})
     task.save(ema.ema, out / "last.pt", best or {})
-    return {**(best or {}), "history": history}
+    return {**(best or {}), "history": history, "optimizer": opt_info}
+
+
+def weights_key(tcfg: TrainConfig) -> dict:
+    """The initial weights' content, for a stage key (`external`): a new file under the same name
+    retrains; a missing one is an error naming it."""
+    from d3n.artifacts import sha256_file
+    from d3n.errors import ArtifactError
+
+    if tcfg.weights is None:
+        return {}
+    if not Path(tcfg.weights).is_file():
+        raise ArtifactError(f"{tcfg.weights}: initial weights not found (a local file; nothing is downloaded)")
+    return {"weights": sha256_file(tcfg.weights)}
+
+
+SCORES = ("mAP50", "mAP50-95", "precision", "recall", "per_class_AP50")
+
+
+def summary(best: dict) -> dict:
+    """metrics.json's common part from `train()`'s result: the val scores that chose the checkpoint
+    (top level and under `val`), the held-out `test` scores when the dataset has a test split, and
+    `report_split`, the split a report should quote (test when it exists: val chose the checkpoint)."""
+    history = best.get("history", [])
+    val = {k: best.get(k) for k in SCORES}
+    out = {**val, "best_epoch": best.get("epoch"), "selected_on": "val", "val": val,
+           "report_split": "test" if best.get("test") else "val", "optimizer": best.get("optimizer"),
+           "train_seconds": round(sum(r["seconds"] for r in history), 1)}
+    if best.get("test"):
+        out["test"] = {k: best["test"].get(k) for k in SCORES}
+    return out
+
+
+def headline(metrics: dict) -> str:
+    """One line for a command's output, saying which split the numbers are from."""
+    split = metrics.get("report_split", "val")
+    m = metrics.get(split) or metrics
+    note = "test, checkpoint chosen on val" if split == "test" else "val, which also chose the checkpoint"
+    return f"mAP50 {m['mAP50']:.3f}  mAP50-95 {m['mAP50-95']:.3f} ({note})"
 
 
 def _write_results(path: Path, history: list[dict]) -> None:

@@ -7,6 +7,7 @@ Baseline and student are both this model; they are saved as ordinary ultralytics
 from __future__ import annotations
 
 import copy
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from d3n.errors import ArtifactError
 from d3n.offline import configure_ultralytics
 
 ARCH = "yolov5s.yaml"  # paper: YOLOv5s baseline and same-size student
+log = logging.getLogger(__name__)
 
 
 def build(nc: int, names: list[str], arch: str = ARCH) -> torch.nn.Module:
@@ -51,11 +53,16 @@ def load(path: str | Path) -> torch.nn.Module:
 
 
 def weights_from(path: str | Path, model: torch.nn.Module) -> torch.nn.Module:
-    """Initialise `model` from a checkpoint's weights where names and shapes match (e.g. --weights)."""
+    """Initialise `model` from a checkpoint's weights where names and shapes match (e.g. pretrained
+    weights with another class count: all but the class convs). A file that shares no tensor with
+    the model is an error, not a silent start from scratch."""
     src = load(path).state_dict()
     own = model.state_dict()
     picked = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    if not picked:
+        raise ArtifactError(f"{path}: no weight matches the model by name and shape (not a YOLOv5s checkpoint?)")
     model.load_state_dict(picked, strict=False)
+    log.info("initial weights from %s: %d of %d tensors", path, len(picked), len(own))
     return model
 
 

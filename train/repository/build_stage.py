@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from d3n.config import StrictModel, placement
+from d3n.data.layout import DatasetLayout
 from d3n.train.device import Device
 from d3n.train.repository.build import DEFAULT_TIMESTEPS, RepoBuildConfig, build_repo
 
@@ -17,7 +18,10 @@ class Config(StrictModel):
 
 
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
-    return Config(timesteps=pcfg.ddpm.timesteps, device=pcfg.device)
+    """Every split the dataset has: train fits the compressor, val chooses checkpoints, test reports."""
+    layout = DatasetLayout.open(inputs["data"])
+    splits = [s for s in ("train", "val", "test") if layout.has(s) and layout.images(s)]
+    return Config(timesteps=pcfg.ddpm.timesteps, splits=splits, device=pcfg.device)
 
 
 def writes(cfg: Config) -> list[str]:

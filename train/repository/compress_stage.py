@@ -16,7 +16,9 @@ class Config(StrictModel):
 
 
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
-    return Config(device=pcfg.device)
+    """Every split the raw repository holds."""
+    splits = [s for s in ("train", "val", "test") if (inputs["repo"] / s).is_dir()]
+    return Config(splits=splits, device=pcfg.device)
 
 
 def writes(cfg: Config) -> list[str]:

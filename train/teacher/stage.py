@@ -9,12 +9,14 @@ epoch and plotted (Fig. 11).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from d3n.artifacts import METRICS, atomic_path, write_json
 from d3n.config import StrictModel, identity
 from d3n.data.layout import DatasetLayout
 from d3n.errors import ArtifactError
-from d3n.train.detector.loop import TrainConfig, train
+from d3n.train.detector import model as detector
+from d3n.train.detector.loop import TrainConfig, summary, train, weights_key
 from d3n.train.detector.plots import plot_history, plot_per_class
 from d3n.train.detector.profile import count_params, teacher_complexity
 from d3n.train.device import resolve_device
@@ -24,6 +26,10 @@ from d3n.train.teacher.model import FusionTeacher, TeacherConfig
 
 
 class Config(StrictModel):
+    # the detector's start: "weights" = train.weights (scratch without them); "baseline" = the trained
+    # baseline, so with the zero-initialised fusion the teacher starts exactly as the baseline and
+    # whatever it gains comes from the DDPM branches
+    init: Literal["weights", "baseline"] = "weights"
     resvae: Path | None = None  # compressor run; default: the one recorded in the repository
     fusion: FusionConfig = FusionConfig()
     train: TrainConfig = TrainConfig()
@@ -33,7 +39,18 @@ TeacherStageConfig = Config
 
 
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
-    return Config(fusion=pcfg.teacher.fusion, train=pcfg.train)
+    return Config(init=pcfg.teacher.init, fusion=pcfg.teacher.fusion, train=pcfg.train)
+
+
+def wants(cfg: Config, inputs: dict[str, Path]) -> set[str]:
+    """The baseline when starting from it; the test split's repository when the dataset has one."""
+    layout = DatasetLayout.open(inputs["data"])
+    return ({"baseline"} if cfg.init == "baseline" else set()) | (
+        {"test_repo"} if layout.has("test") and layout.images("test") else set())
+
+
+def external(cfg: Config) -> dict:
+    return weights_key(cfg.train) if cfg.init == "weights" else {}
 
 
 class TeacherTask:
@@ -64,9 +81,19 @@ class TeacherTask:
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     layout = DatasetLayout.open(inputs["data"])
     repo, val_repo = inputs["repo"], inputs["val_repo"]
-    features = FeatureProvider([repo, val_repo], cfg.resvae, device=str(resolve_device(cfg.train.device)))
-    _check_coverage(features, layout)
+    splits = ["train", "val"] + (["test"] if layout.has("test") and layout.images("test") else [])
+    if "test" in splits and "test_repo" not in inputs:
+        raise ArtifactError(f"{layout.yaml_path} has a test split: pass its compressed repository (--test-repo) "
+                            "so the teacher's held-out numbers are measured")
+    repos = [repo, val_repo] + ([inputs["test_repo"]] if "test" in splits else [])
+    features = FeatureProvider(repos, cfg.resvae, device=str(resolve_device(cfg.train.device)))
+    _check_coverage(features, layout, splits)
     model = FusionTeacher(TeacherConfig(nc=layout.nc, ddpm_channels=features.channels, fusion=cfg.fusion))
+    start = inputs["baseline"] if cfg.init == "baseline" else cfg.train.weights
+    if cfg.init == "baseline" and "baseline" not in inputs:
+        raise ArtifactError("teacher init: baseline needs the baseline's best.pt (--baseline)")
+    if start is not None:
+        detector.weights_from(start, model.detector)
     extra = {"names": list(layout.names), "imgsz": cfg.train.imgsz, "repo": str(Path(repo).resolve()),
              "compressor": str(features.compressor or "")}
     task = TeacherTask(model, features, cfg.train.imgsz, extra, identity(cfg, mode="json"))
@@ -76,13 +103,12 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
                 for name, w in zip(("cross", "det", "ddpm"), ws, strict=True)}
 
     best = train(task, cfg.train, layout.root, out, list(layout.names), on_epoch=log_branches)
-    history = best.pop("history", [])
-    metrics = {k: best.get(k) for k in ("mAP50", "mAP50-95", "precision", "recall", "per_class_AP50")}
-    metrics.update({"best_epoch": best.get("epoch"), "params": count_params(model),
-                    "detector_params": count_params(model.detector), "imgsz": cfg.train.imgsz,
-                    "epochs": cfg.train.epochs, "seed": cfg.train.seed, "ddpm_channels": features.channels,
-                    "fusion": cfg.fusion.model_dump(), "branch_weights": model.branch_weights(),
-                    "train_seconds": round(sum(r["seconds"] for r in history), 1),
+    history = best.get("history", [])
+    metrics = summary(best)
+    metrics.update({"params": count_params(model), "detector_params": count_params(model.detector),
+                    "imgsz": cfg.train.imgsz, "epochs": cfg.train.epochs, "seed": cfg.train.seed,
+                    "ddpm_channels": features.channels, "fusion": cfg.fusion.model_dump(),
+                    "branch_weights": model.branch_weights(),
                     **teacher_complexity(model, cfg.train.imgsz, features.channels)})
     write_json(out / METRICS, metrics)
     plot_history([{k: v for k, v in r.items() if not k.startswith("w_")} for r in history],
@@ -92,10 +118,10 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     return metrics
 
 
-def _check_coverage(features: FeatureProvider, layout: DatasetLayout) -> None:
-    """Every train and val image must have features; say which are missing rather than fail later."""
+def _check_coverage(features: FeatureProvider, layout: DatasetLayout, splits: list[str]) -> None:
+    """Every image of the splits must have features; say which are missing rather than fail later."""
     have = {i for s in features.stores for i in s.image_ids}
-    missing = [p.name for split in ("train", "val") for p in layout.images(split) if p.stem not in have]
+    missing = [p.name for split in splits for p in layout.images(split) if p.stem not in have]
     if missing:
         raise ArtifactError(f"{len(missing)} images of {layout.yaml_path} have no DDPM features in the given "
                             f"repositories (first: {missing[:5]}); build them with `d3n repo build --split ...`")
