@@ -94,6 +94,11 @@ def validate(model: type[T], data: dict[str, Any], source: str = "config") -> T:
         raise ConfigError("\n".join(lines)) from None
 
 
+def from_args(model: type[T], args: Any, fields: tuple[str, ...], source: str) -> T:
+    """A config from the command-line options that were given (None = not given: the default)."""
+    return validate(model, {k: v for k in fields if (v := getattr(args, k, None)) is not None}, source)
+
+
 def load(model: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
     data = load_yaml(path)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})

@@ -88,6 +88,11 @@ class _Runner:
                 continue
         return _END
 
+    def _drain(self, q: queue.Queue):
+        """The items of `q` up to the end marker (or an abort)."""
+        while (item := self._get(q)) is not _END:
+            yield item
+
     def _guard(self, fn):
         def run():
             try:
@@ -124,11 +129,7 @@ class _Runner:
         self._put(self.q_infer, _END)
 
     def infer_stage(self) -> None:
-        while True:
-            item = self._get(self.q_infer)
-            if item is _END:
-                break
-            frame, blob, lb = item
+        for frame, blob, lb in self._drain(self.q_infer):
             t0 = time.monotonic()
             out = self.backend.infer(blob)
             self.stats.observe("infer", time.monotonic() - t0)
@@ -137,11 +138,7 @@ class _Runner:
         self._put(self.q_post, _END)
 
     def post_stage(self) -> None:
-        while True:
-            item = self._get(self.q_post)
-            if item is _END:
-                return
-            frame, out, lb = item
+        for frame, out, lb in self._drain(self.q_post):
             t0 = time.monotonic()
             det = postprocess(out, lb, self.thresholds, self.kind, self.iou, self.max_det, self.box_format)
             if self.roi is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from d3n.data.source import Record, Source, coco_jsons, image_files
-from d3n.data.validate import Problem
+from d3n.data.validate import Problem, read_text_as
 from d3n.errors import DataError
 
 SPLIT_WORDS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -50,12 +50,7 @@ def _find_jsons(src: Path) -> list[tuple[Path, str | None]]:
 
 
 def _load(path: Path) -> dict:
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: unreadable ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON ({exc})") from None
+    spec = read_text_as(path, json.loads, json.JSONDecodeError, "JSON")
     for key in ("images", "annotations", "categories"):
         if not isinstance(spec.get(key) if isinstance(spec, dict) else None, list):
             raise DataError(f"{path}: malformed COCO JSON (no '{key}' list)")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,7 +192,7 @@ def import_dataset(src: str | Path, out: str | Path, fmt: str | None = None, spl
     (an evaluation set): without `splits` every image goes to test. Without it an empty train
     split is an error, since training on the dataset would fail much later.
     """
-    from d3n.artifacts import write_json
+    from d3n.artifacts import atomic_dir, write_json
     from d3n.data.check import count
 
     src, out = Path(src), Path(out)
@@ -222,15 +221,7 @@ def import_dataset(src: str | Path, out: str | Path, fmt: str | None = None, spl
         "skipped_files": sorted(set(checked.skipped)),
         "problems": [p.as_dict() for p in skipped],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         _write(tmp, checked.good, names, progress)
         write_json(tmp / REPORT, report)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return report

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +175,7 @@ def generate(out: str | Path, images: int = 240, size: int = 256, seed: int = 0,
     """
     from tqdm import tqdm
 
-    from d3n.artifacts import write_json
+    from d3n.artifacts import atomic_dir, write_json
     from d3n.data.preview import save_preview
 
     out = Path(out)
@@ -187,8 +185,7 @@ def generate(out: str | Path, images: int = 240, size: int = 256, seed: int = 0,
         log.info("%s: already holds this synthetic dataset, reusing it", out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         splits = _split(images, val_frac, seed, test_frac)
         for i in tqdm(range(images), desc="synth", unit="img", disable=not progress):
             rng = np.random.default_rng([seed, 0, i])
@@ -204,11 +201,5 @@ def generate(out: str | Path, images: int = 240, size: int = 256, seed: int = 0,
         write_data_yaml(tmp, CLASSES, test=bool(test_frac))
         save_preview(tmp, tmp / "preview.png")
         write_json(tmp / PARAMS_FILE, params)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     log.info("%s: %d synthetic images (%dpx, seed %d)", out, images, size, seed)
     return out

@@ -40,6 +40,16 @@ class FileProblem(Exception):
         self.problem = Problem(Path(path), reason)
 
 
+def read_text_as(path: Path, parse, errors: type[Exception] | tuple, kind: str):
+    """`parse(text)` of a file, any failure a DataError naming the file: unreadable, or malformed `kind`."""
+    try:
+        return parse(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
+    except errors as exc:
+        raise DataError(f"{path}: malformed {kind} ({exc})") from None
+
+
 def fail_with(problems: list[Problem], what: str) -> None:
     """Raise one DataError listing every problem (sorted by file, so the list reads in order)."""
     if not problems:

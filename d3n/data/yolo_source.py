@@ -14,19 +14,14 @@ import yaml
 
 from d3n.data.layout import SPLITS, label_path_for
 from d3n.data.source import Record, Source, image_files
-from d3n.data.validate import Problem, parse_yolo_label
+from d3n.data.validate import Problem, parse_yolo_label, read_text_as
 from d3n.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
 def _spec(yaml_path: Path) -> dict:
-    try:
-        spec = yaml.safe_load(yaml_path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{yaml_path}: unreadable ({exc})") from None
-    except yaml.YAMLError as exc:
-        raise DataError(f"{yaml_path}: malformed YAML ({exc})") from None
+    spec = read_text_as(yaml_path, yaml.safe_load, yaml.YAMLError, "YAML")
     if not isinstance(spec, dict):
         raise DataError(f"{yaml_path}: malformed data.yaml (not a mapping)")
     return spec

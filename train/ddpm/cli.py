@@ -9,15 +9,14 @@ from d3n.train.repository.cli import add_device, print_metrics
 
 
 def _ddpm_train(args: argparse.Namespace) -> int:
-    from d3n.config import validate
+    from d3n.config import from_args
     from d3n.stage import execute
     from d3n.stages import get
     from d3n.train.ddpm.train import DDPMTrainConfig
 
     fields = ("data", "preset", "size", "split", "steps", "epochs", "batch", "lr", "lr_min", "ema",
               "ckpt_every", "seed", "device")
-    cfg = validate(DDPMTrainConfig, {k: getattr(args, k) for k in fields if getattr(args, k) is not None},
-                   "d3n ddpm train")
+    cfg = from_args(DDPMTrainConfig, args, fields, "d3n ddpm train")
     print_metrics(execute(get("ddpm"), cfg, {"data": Path(cfg.data)}, Path(args.out)))
     return 0
 

@@ -41,15 +41,14 @@ def _repo_compress(args: argparse.Namespace) -> int:
 
 
 def _resvae_train(args: argparse.Namespace) -> int:
-    from d3n.config import validate
+    from d3n.config import from_args
     from d3n.stage import execute
     from d3n.stages import get
     from d3n.train.repository.fit import CompressorTrainConfig
 
     fields = ("repo", "method", "latent_channels", "epochs", "steps", "batch", "lr", "kl_weight", "hidden",
               "blocks", "holdout", "seed", "device")
-    cfg = validate(CompressorTrainConfig, {k: getattr(args, k) for k in fields if getattr(args, k) is not None},
-                   "d3n resvae train")
+    cfg = from_args(CompressorTrainConfig, args, fields, "d3n resvae train")
     if args.no_pca_init:
         cfg.pca_init = False
     print_metrics(execute(get("resvae"), cfg, {"repo": Path(cfg.repo)}, Path(args.out)))

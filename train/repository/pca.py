@@ -53,16 +53,21 @@ def fit_pca(batches: Iterable[np.ndarray], channels: int, latent: int) -> dict[s
             "explained": evals[order].astype(np.float32), "total": np.float32(evals.sum())}
 
 
+def _fixed_conv(weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A 1x1 conv holding a fitted affine map (out, in) + bias."""
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1)
+    with torch.no_grad():
+        conv.weight.copy_(weight[..., None, None])
+        conv.bias.copy_(bias)
+    return conv
+
+
 class PCAEncoder(nn.Module):
     """z = W (x - mean) as a 1x1 conv."""
 
     def __init__(self, mean: torch.Tensor, components: torch.Tensor):
         super().__init__()
-        c, ch = components.shape
-        self.conv = nn.Conv2d(ch, c, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(components.view(c, ch, 1, 1))
-            self.conv.bias.copy_(-(components @ mean))
+        self.conv = _fixed_conv(components, -(components @ mean))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x.float())
@@ -73,11 +78,7 @@ class PCADecoder(nn.Module):
 
     def __init__(self, mean: torch.Tensor, components: torch.Tensor):
         super().__init__()
-        c, ch = components.shape
-        self.conv = nn.Conv2d(c, ch, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(components.t().reshape(ch, c, 1, 1))
-            self.conv.bias.copy_(mean)
+        self.conv = _fixed_conv(components.t(), mean)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.conv(z.float())
