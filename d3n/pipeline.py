@@ -41,6 +41,7 @@ class DDPMSpec(StrictModel):
     epochs: int | None = None
     batch: int = 8
     lr: float = 1e-4
+    lr_min: float = 0.0  # cosine annealing floor (paper: 5e-6 -> 5e-8)
     ema: float = 0.999
     timesteps: list[int] = [100, 150, 250]  # paper §III-B
 

@@ -13,7 +13,7 @@ OWN_MANIFEST = True  # train_ddpm resumes from its checkpoint and skips a finish
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
     s = pcfg.ddpm
     return Config(data=str(inputs["data"]), preset=s.preset, size=s.size, steps=s.steps, epochs=s.epochs,
-                  batch=s.batch, lr=s.lr, ema=s.ema, seed=pcfg.seed, device=pcfg.device)
+                  batch=s.batch, lr=s.lr, lr_min=s.lr_min, ema=s.ema, seed=pcfg.seed, device=pcfg.device)
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
