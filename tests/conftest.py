@@ -26,3 +26,26 @@ def synth_small(tmp_path_factory) -> Path:
     from d3n.data.synth import generate
 
     return generate(tmp_path_factory.mktemp("synth_small") / "data", images=24, size=128, seed=0)
+
+
+MICRO = {
+    "data": {"synth": {"images": 20, "size": 96, "seed": 0, "test_frac": 0.2}},
+    "ddpm": {"preset": "tiny", "size": 16, "steps": 3, "batch": 4},
+    "compress": {"method": "resvae", "steps": 3, "batch": 16},
+    "train": {"imgsz": 96, "epochs": 1, "batch": 8, "workers": 0},
+    "export": {"formats": ["onnx"]},
+}
+
+
+@pytest.fixture(scope="session")
+def micro_pipeline(tmp_path_factory):
+    """The full chain (with a test split) once per session; later tests read its run folders."""
+    import yaml
+
+    from d3n.cli import main
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = root / "micro.yaml"
+    cfg.write_text(yaml.safe_dump({**MICRO, "out": str(root / "run")}))
+    assert main(["pipeline", str(cfg)]) == 0
+    return cfg, root / "run"

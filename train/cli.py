@@ -35,14 +35,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=_teacher)
     t.set_defaults(func=lambda a: t.print_help() or 2)
 
-    v = sub.add_parser("val", help="evaluate a detector checkpoint on a dataset split")
+    v = sub.add_parser("val", help="evaluate a detector checkpoint (baseline, student or teacher) on a dataset split")
     v.add_argument("--model", type=Path, required=True)
     v.add_argument("--data", type=Path, required=True)
     v.add_argument("--imgsz", type=int, default=640)
     v.add_argument("--batch", type=int, default=16)
     v.add_argument("--device", default="cpu")
-    v.add_argument("--split", default="val")
+    v.add_argument("--split", default="val", help="train, val or test (default val)")
     v.add_argument("--json", type=Path, help="write the metrics here")
+    v.add_argument("--repo", type=Path, help="teacher: a repository holding this split's DDPM features "
+                                              "(default: computed on the fly)")
+    v.add_argument("--ddpm", type=Path, help="teacher: DDPM run for on-the-fly features (default: recorded)")
+    v.add_argument("--resvae", type=Path, help="teacher: compressor run (default: recorded)")
     v.set_defaults(func=_val)
 
 
@@ -120,8 +124,16 @@ def _teacher(args) -> int:
 def _val(args) -> int:
     from d3n.artifacts import write_json
     from d3n.train.detector import val
+    from d3n.train.teacher.model import is_teacher_checkpoint
 
-    m = val.run(args.model, args.data, imgsz=args.imgsz, batch=args.batch, device=args.device, split=args.split)
+    if is_teacher_checkpoint(args.model):
+        from d3n.train.teacher import val as teacher_val
+
+        m = teacher_val.run(args.model, args.data, imgsz=args.imgsz, batch=args.batch, device=args.device,
+                            split=args.split, repo=args.repo, ddpm=args.ddpm, resvae=args.resvae)
+        print(f"teacher features: {m['features']}")
+    else:
+        m = val.run(args.model, args.data, imgsz=args.imgsz, batch=args.batch, device=args.device, split=args.split)
     names = list(m["per_class_AP50"])
     print(val.format_table({args.model.name: m}, names))
     if args.json:

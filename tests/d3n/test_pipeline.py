@@ -15,25 +15,6 @@ from d3n.stages import NAMES as STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 
-MICRO = {
-    "data": {"synth": {"images": 20, "size": 96, "seed": 0, "test_frac": 0.2}},
-    "ddpm": {"preset": "tiny", "size": 16, "steps": 3, "batch": 4},
-    "compress": {"method": "resvae", "steps": 3, "batch": 16},
-    "train": {"imgsz": 96, "epochs": 1, "batch": 8, "workers": 0},
-    "export": {"formats": ["onnx"]},
-}
-
-
-@pytest.fixture(scope="session")
-def micro_pipeline(tmp_path_factory):
-    """The full chain once per session; later tests read its run folders."""
-    root = tmp_path_factory.mktemp("pipeline")
-    cfg = root / "micro.yaml"
-    cfg.write_text(yaml.safe_dump({**MICRO, "out": str(root / "run")}))
-    assert main(["pipeline", str(cfg)]) == 0
-    return cfg, root / "run"
-
-
 def test_every_stage_writes_a_complete_run_folder(micro_pipeline):
     _, out = micro_pipeline
     for stage in STAGES:

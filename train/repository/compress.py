@@ -110,7 +110,7 @@ def compressor_method(run_dir: str | os.PathLike) -> str:
 
 
 @torch.no_grad()
-def _encode_maps(enc: nn.Module, maps: np.ndarray, batch: int) -> np.ndarray:
+def encode_maps(enc: nn.Module, maps: np.ndarray, batch: int) -> np.ndarray:
     """(n, T, C, H, W) float16 -> (n, T, c, H, W) float16, `batch` maps at a time."""
     n, t = maps.shape[:2]
     flat = maps.reshape(n * t, *maps.shape[2:])
@@ -145,7 +145,7 @@ def compress_repo(repo: str | os.PathLike, run_dir: str | os.PathLike, out: str 
                          image_ids=src.image_ids, shapes=shapes, shard_size=src.shard_size, meta=meta)
     for k in tqdm(writer.pending(), desc=f"compress ({method})", disable=not progress):
         start, count = writer.ranges[k]
-        arrays = {lv: _encode_maps(enc[lv], src._map(lv, k), batch) for lv in src.levels}
+        arrays = {lv: encode_maps(enc[lv], src._map(lv, k), batch) for lv in src.levels}
         writer.write_shard(k, arrays)
     writer.finish()
     return FeatureStore.open(out)

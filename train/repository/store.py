@@ -202,6 +202,9 @@ class FeatureStore:
             raise ArtifactError(f"{self.root}: image '{image_id}' is not in this repository") from None
         return i // self.shard_size, i % self.shard_size
 
+    def has(self, image_id: str) -> bool:
+        return image_id in self._pos
+
     def get(self, image_id: str) -> dict[str, np.ndarray]:
         k, j = self.locate(image_id)
         return {lv: self._map(lv, k)[j] for lv in self.levels}

@@ -22,31 +22,35 @@ STRIDES = {"p3": 8, "p4": 16, "p5": 32}
 
 
 class FeatureProvider:
-    """Serves warped DDPM features for batches from `train/detector/data.py`'s DetectionDataset."""
+    """Serves warped DDPM features for batches from `train/detector/data.py`'s DetectionDataset.
 
-    def __init__(self, repos: list[Path], compressor: Path | None = None, device: str = "cpu"):
-        self.stores = [FeatureStore.open(r) for r in repos]
+    The sources are repositories on disk (`FeatureStore`) or features computed on the fly
+    (`train/teacher/live.py`); either gives the stored form (raw float16 maps or float16 latents)
+    and the same frozen decoder maps it to the teacher's input."""
+
+    def __init__(self, repos: list, compressor: Path | None = None, device: str = "cpu"):
+        self.stores = [FeatureStore.open(r) if isinstance(r, str | Path) else r for r in repos]
         kinds = {s.kind for s in self.stores}
         if len(kinds) != 1:
-            raise ArtifactError(f"repositories {list(map(str, repos))} mix kinds {sorted(kinds)}")
+            raise ArtifactError(f"repositories {[str(s.root) for s in self.stores]} mix kinds {sorted(kinds)}")
         self.kind = kinds.pop()
         self.levels = self.stores[0].levels
         if tuple(self.levels) != LEVELS:
-            raise ArtifactError(f"{repos[0]}: levels {self.levels}, expected {list(LEVELS)}")
+            raise ArtifactError(f"{self.stores[0].root}: levels {self.levels}, expected {list(LEVELS)}")
         self.device = torch.device(device)
         if self.kind == "raw":
             self.decoder = None  # the raw repository holds the features themselves
         else:
             compressor = Path(compressor or self.stores[0].meta.get("compressor", ""))
             if not compressor.exists():
-                raise ArtifactError(f"{repos[0]}: compressor run '{compressor}' not found (pass --resvae)")
+                raise ArtifactError(f"{self.stores[0].root}: compressor run '{compressor}' not found (pass --resvae)")
             self.decoder = load_decoder(compressor, device=str(self.device))
         self.compressor = compressor if self.decoder is not None else None
         self.channels = self._probe_channels()
 
     def _lookup(self, stem: str) -> dict[str, np.ndarray]:
         for s in self.stores:
-            if stem in s._pos:
+            if s.has(stem):
                 return s.get(stem)
         raise ArtifactError(f"image '{stem}' is in none of the repositories {[str(s.root) for s in self.stores]}")
 

@@ -158,4 +158,14 @@ class FusionTeacher(nn.Module):
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as exc:
             raise ArtifactError(f"{path}: weights do not match the teacher config ({exc})") from None
+        model.extra = dict(ckpt.get("extra") or {})  # names, imgsz, where its features came from
         return model
+
+
+def is_teacher_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a fusion-teacher checkpoint (a plain detector's is an ultralytics pickle)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is not a teacher; its own loader says why
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT

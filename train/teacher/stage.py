@@ -94,8 +94,10 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         raise ArtifactError("teacher init: baseline needs the baseline's best.pt (--baseline)")
     if start is not None:
         detector.weights_from(start, model.detector)
+    store = features.stores[0]  # what `d3n val` needs to compute the same features for new images
     extra = {"names": list(layout.names), "imgsz": cfg.train.imgsz, "repo": str(Path(repo).resolve()),
-             "compressor": str(features.compressor or "")}
+             "compressor": str(features.compressor or ""), "ddpm": store.meta.get("ddpm_run"),
+             "timesteps": store.timesteps}
     task = TeacherTask(model, features, cfg.train.imgsz, extra, identity(cfg, mode="json"))
 
     def log_branches(m, epoch):
