@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "d3n.train.repository.cli",  # d3n repo, d3n resvae (stage 1: feature repository)
     "d3n.distill.cli",  # d3n distill
     "d3n.pipeline_cli",  # d3n pipeline, d3n demo
+    "d3n.experiment.cli",  # d3n experiment
     "d3n.export.cli",  # d3n export, d3n bench
     "d3n.runtime.cli",  # d3n run
 )

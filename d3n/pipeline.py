@@ -66,8 +66,8 @@ class ExportSpec(StrictModel):
 
 class PipelineConfig(StrictModel):
     out: Path = Path("runs/d3n")
-    # One device and one seed for the whole chain. Unset, they are train.device / train.seed (the
-    # configs written before these keys existed); set, they apply to every stage, train included.
+    # One device for the whole chain, and the seed of stage 1 (and of the detectors unless train.seed
+    # is set). Unset, they are train.device / train.seed, as in configs written before these keys.
     device: Device | None = None
     seed: int | None = None
     weights: Path | None = None  # initial weights of baseline, teacher detector and student (train.weights)
@@ -81,11 +81,15 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_device_seed_and_weights(self):
-        # assignments re-run this validator (validate_assignment): assign only what changes
+        # device and weights: one for the whole chain. seed: stage 1's (DDPM, compressor) and the
+        # detectors' unless train.seed is set itself, so an experiment can vary the detectors' seed
+        # over one shared DDPM. Assignments re-run this validator: assign only what changes.
         for name in ("device", "seed", "weights"):
             if getattr(self, name) is None and getattr(self.train, name) is not None:
                 setattr(self, name, getattr(self.train, name))
-        want = {"device": self.device, "seed": self.seed, "weights": self.weights}
+        want = {"device": self.device, "weights": self.weights}
+        if "seed" not in self.train.model_fields_set:
+            want["seed"] = self.seed
         if any(getattr(self.train, k) != v for k, v in want.items() if v is not None):
             self.train = self.train.model_copy(update={k: v for k, v in want.items() if v is not None})
         return self
@@ -108,9 +112,14 @@ def load_config(path: Path) -> PipelineConfig:
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, out: Path | None = None):
+    """Runs the registry's stages into one run folder. `share` (used by `d3n experiment`) offers
+    finished stage folders of other run folders by stage key: a stage whose key one of them has
+    is copied (hard links) instead of recomputed."""
+
+    def __init__(self, cfg: PipelineConfig, out: Path | None = None, share=None):
         self.cfg = cfg
         self.out = Path(out or cfg.out).resolve()  # stage keys hold paths relative to it
+        self.share = share
         self.timings: dict[str, float] = {}
         self.status: dict[str, str] = {}
 
@@ -150,6 +159,13 @@ class Pipeline:
             self.status[stage.name] = "skipped (up to date)"
             log.info("stage %s: up to date, skipped", stage.name)
             return
+        if self.share is not None and (src := self.share.lookup(key)) is not None:
+            if d.exists():
+                shutil.rmtree(d)
+            self.share.copy(src, d)
+            self.status[stage.name] = f"shared ({src.parent.name})"
+            log.info("stage %s: same key as %s, shared", stage.name, src)
+            return
         if state.get("key") != key and d.exists():
             log.info("stage %s: inputs or config changed, starting afresh", stage.name)
             shutil.rmtree(d)
@@ -161,3 +177,5 @@ class Pipeline:
         execute(stage, config, inputs, d)
         self.timings[stage.name] = round(time.time() - t0, 1)
         self.status[stage.name] = "resumed" if resumed else "ran"
+        if self.share is not None:
+            self.share.add(key, d)
