@@ -56,7 +56,12 @@ class CompressSpec(StrictModel):
 
 class TeacherSpec(StrictModel):
     init: Literal["weights", "baseline"] = "weights"  # baseline: start the teacher's detector from it
+    features: Literal["true", "shuffled"] = "true"  # shuffled: the control with another image's features
     fusion: FusionConfig = FusionConfig()
+
+
+class DistillSpec(DistillConfig):
+    teacher: Literal["teacher", "baseline"] = "teacher"  # baseline: the self-distillation control
 
 
 class ExportSpec(StrictModel):
@@ -76,7 +81,7 @@ class PipelineConfig(StrictModel):
     compress: CompressSpec = CompressSpec()
     train: TrainConfig = TrainConfig()  # shared by baseline, teacher and student
     teacher: TeacherSpec = TeacherSpec()
-    distill: DistillConfig = DistillConfig()
+    distill: DistillSpec = DistillSpec()
     export: ExportSpec = ExportSpec()
 
     @model_validator(mode="after")

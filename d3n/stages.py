@@ -34,8 +34,10 @@ STAGES: tuple[Stage, ...] = (
                              optional=True)},
           ("best.pt", METRICS), model="teacher", help="YOLOv5s fused with DDPM features (Fig. 4)"),
     Stage("distill", "d3n.distill.trainer",
-          {"teacher": Input("teacher", "best.pt", "teacher run's best.pt"), "data": DATASET,
-           "repo": Input("compress", "train", "compressed repository of the train split")},
+          {"teacher": Input("teacher", "best.pt", "teacher run's best.pt", optional=True), "data": DATASET,
+           "repo": Input("compress", "train", "compressed repository of the train split"),
+           "baseline": Input("baseline", "best.pt", "trained baseline, to distil instead of the teacher "
+                             "(the self-distillation control)", optional=True)},
           ("best.pt", METRICS), model="student", help="the student distilled from the teacher (Eqs. 6-7)"),
     Stage("export", "d3n.export.stage", {"model": Input("distill", "best.pt", "student checkpoint"), "data": DATASET},
           (), help="the student as ONNX (and INT8) with sidecars"),

@@ -10,6 +10,7 @@ part of the student's checkpoint. The student is evaluated on the plain dataload
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -28,6 +29,9 @@ from d3n.train.teacher.model import FusionTeacher
 
 
 class Config(StrictModel):
+    # "teacher": the fusion teacher (the method); "baseline": the control that distils the trained
+    # baseline into a fresh student (self-distillation: distillation with no DDPM anywhere)
+    teacher: Literal["teacher", "baseline"] = "teacher"
     resvae: Path | None = None  # compressor run; default: the one recorded in the repository
     distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig()
@@ -37,11 +41,16 @@ DistillStageConfig = Config
 
 
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
-    return Config(distill=pcfg.distill, train=pcfg.train)
+    loss = DistillConfig(**pcfg.distill.model_dump(exclude={"teacher"}))
+    return Config(teacher=pcfg.distill.teacher, distill=loss, train=pcfg.train)
+
+
+def wants(cfg: Config, inputs: dict[str, Path]) -> set[str]:
+    return {cfg.teacher}
 
 
 class DistillTask:
-    def __init__(self, student, teacher: FusionTeacher, features: FeatureProvider, imgsz: int,
+    def __init__(self, student, teacher, features: FeatureProvider | None, imgsz: int,
                  loss: DistillLoss, train_args: dict, ident: dict):
         self.model = student
         self.ident = ident
@@ -62,7 +71,10 @@ class DistillTask:
         gt, items = model.loss(batch, preds)
         self.teacher.eval()  # never let BatchNorm statistics drift
         with torch.no_grad():
-            t_preds = self.teacher(batch["img"], self.features(batch["pieces"], self.imgsz))
+            if self.features is None:  # a plain detector as the teacher (self-distillation control)
+                t_preds = self.teacher(batch["img"])
+            else:
+                t_preds = self.teacher(batch["img"], self.features(batch["pieces"], self.imgsz))
         total, terms = self.distill_loss(preds, t_preds, gt_loss=gt)
         out = {k.removesuffix("_loss"): float(v) for k, v in items.items()}
         out.update({k: float(v) for k, v in terms.items() if k != "gt"})
@@ -79,17 +91,33 @@ def external(cfg: Config) -> dict:
     return weights_key(cfg.train)
 
 
+def load_teacher(cfg: Config, inputs: dict[str, Path], layout: DatasetLayout, device):
+    """(teacher, features, checkpoint): the fusion teacher with its features (shuffled as it was
+    trained), or the trained baseline, which needs none."""
+    if cfg.teacher not in inputs:
+        raise ArtifactError(f"distill from the {cfg.teacher} needs its best.pt (--{cfg.teacher})")
+    ckpt = inputs[cfg.teacher]
+    if cfg.teacher == "baseline":
+        teacher = detector.load(ckpt).to(device)
+        nc = len(teacher.names)
+        features = None
+    else:
+        teacher = FusionTeacher.load(ckpt).to(device)
+        nc = teacher.config.nc
+        features = FeatureProvider([inputs["repo"]], cfg.resvae, device=str(device),
+                                   shuffle_seed=teacher.extra.get("shuffle_seed"))
+        if features.channels != teacher.config.ddpm_channels:
+            raise ArtifactError(f"{inputs['repo']}: decodes to {features.channels} channels, teacher {ckpt} "
+                                f"was trained on {teacher.config.ddpm_channels}")
+    if nc != layout.nc:
+        raise ArtifactError(f"{ckpt}: teacher has {nc} classes, {layout.yaml_path} has {layout.nc}")
+    return teacher, features, ckpt
+
+
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     layout = DatasetLayout.open(inputs["data"])
-    teacher_ckpt, repo = inputs["teacher"], inputs["repo"]
     device = resolve_device(cfg.train.device)
-    teacher = FusionTeacher.load(teacher_ckpt).to(device)
-    if teacher.config.nc != layout.nc:
-        raise ArtifactError(f"{teacher_ckpt}: teacher has {teacher.config.nc} classes, {layout.yaml_path} has {layout.nc}")
-    features = FeatureProvider([repo], cfg.resvae, device=str(device))
-    if features.channels != teacher.config.ddpm_channels:
-        raise ArtifactError(f"{repo}: decodes to {features.channels} channels, teacher {teacher_ckpt} "
-                            f"was trained on {teacher.config.ddpm_channels}")
+    teacher, features, teacher_ckpt = load_teacher(cfg, inputs, layout, device)
     student = detector.build(layout.nc, list(layout.names))
     if cfg.train.weights:  # the same initial weights as the baseline and the teacher's detector
         detector.weights_from(cfg.train.weights, student)

@@ -21,6 +21,14 @@ LEVELS = ("p3", "p4", "p5")
 STRIDES = {"p3": 8, "p4": 16, "p5": 32}
 
 
+def derangement(ids: list[str], seed: int) -> dict[str, str]:
+    """A seeded map from every id to another one (never itself): a shuffled order, each to the next."""
+    if len(ids) < 2:
+        raise ArtifactError(f"cannot give {len(ids)} image(s) each another image's features")
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    return {a: b for a, b in zip(order, order[1:] + order[:1], strict=True)}
+
+
 class FeatureProvider:
     """Serves warped DDPM features for batches from `train/detector/data.py`'s DetectionDataset.
 
@@ -28,8 +36,12 @@ class FeatureProvider:
     (`train/teacher/live.py`); either gives the stored form (raw float16 maps or float16 latents)
     and the same frozen decoder maps it to the teacher's input."""
 
-    def __init__(self, repos: list, compressor: Path | None = None, device: str = "cpu"):
+    def __init__(self, repos: list, compressor: Path | None = None, device: str = "cpu",
+                 shuffle_seed: int | None = None):
         self.stores = [FeatureStore.open(r) if isinstance(r, str | Path) else r for r in repos]
+        # the "shuffled" control: each image gets the features of another image of its split
+        self.swap = {k: v for s in self.stores for k, v in derangement(s.image_ids, shuffle_seed).items()} \
+            if shuffle_seed is not None else {}
         kinds = {s.kind for s in self.stores}
         if len(kinds) != 1:
             raise ArtifactError(f"repositories {[str(s.root) for s in self.stores]} mix kinds {sorted(kinds)}")
@@ -49,6 +61,7 @@ class FeatureProvider:
         self.channels = self._probe_channels()
 
     def _lookup(self, stem: str) -> dict[str, np.ndarray]:
+        stem = self.swap.get(stem, stem)
         for s in self.stores:
             if s.has(stem):
                 return s.get(stem)

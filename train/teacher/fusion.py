@@ -52,6 +52,9 @@ BRANCHES = ("cross", "det", "ddpm")  # order of branch_weights(): cross-attn, se
 
 class FusionConfig(StrictModel):
     mode: Literal["dynamic", "concat", "sum", "weighted_sum"] = "dynamic"  # paper: dynamic (Table II)
+    # off: the control "distillation alone" -- no DDPM branch at all (no filter, projection, cross- or
+    # DDPM self-attention); the teacher keeps its other branches and schedule but sees no DDPM feature
+    use_ddpm: bool = True
     heads: int = Field(4, ge=1)  # paper Eq. 4: 4 heads
     use_filter: bool = True  # frequency noise filter on D (Table III)
     use_cross: bool = True  # cross-attention branch, q = X, k/v = D (Eqs. 4-5)
@@ -69,6 +72,9 @@ class FusionConfig(StrictModel):
             self.residual = self.mode == "dynamic"
         if self.mode == "dynamic" and not (self.use_cross or self.use_self_x or self.use_self_d):
             raise ValueError("dynamic fusion needs at least one of use_cross, use_self_x, use_self_d")
+        if not self.use_ddpm and (self.mode != "dynamic" or not (self.use_self_x or self.learn_weights and self.residual)):
+            raise ValueError("use_ddpm: false keeps the dynamic fusion's detector branch: needs mode dynamic "
+                             "with use_self_x (or learn_weights and residual)")
         return self
 
 
@@ -118,16 +124,17 @@ class CrossFusion(nn.Module):
         cx = det_channels
         if cfg.mode == "dynamic" and cx % cfg.heads:
             raise ValueError(f"detector channels {cx} not divisible by {cfg.heads} attention heads")
-        self.filter = FreqFilter(ddpm_channels, cfg.filter) if cfg.use_filter else None
-        self.proj_d = nn.Conv2d(ddpm_channels, cx, 1)
-        self.norm_d = ChannelNorm(cx) if cfg.norm else nn.Identity()
+        ddpm = cfg.use_ddpm
+        self.filter = FreqFilter(ddpm_channels, cfg.filter) if cfg.use_filter and ddpm else None
+        self.proj_d = nn.Conv2d(ddpm_channels, cx, 1) if ddpm else None
+        self.norm_d = (ChannelNorm(cx) if cfg.norm else nn.Identity()) if ddpm else None
         if cfg.mode == "dynamic":
             # Table I row 4: without self-attention on X, the weighted Det feature is X itself
             self.det_is_x = cfg.residual and cfg.learn_weights and not cfg.use_self_x
+            uses = (cfg.use_cross and ddpm, cfg.use_self_x, cfg.use_self_d and ddpm)
             self.cross, self.self_x, self.self_d = (
-                PooledAttention(cx, cfg.heads, cfg.kv_size) if on else None
-                for on in (cfg.use_cross, cfg.use_self_x, cfg.use_self_d))
-            self.active = (cfg.use_cross, cfg.use_self_x or self.det_is_x, cfg.use_self_d)
+                PooledAttention(cx, cfg.heads, cfg.kv_size) if on else None for on in uses)
+            self.active = (uses[0], uses[1] or self.det_is_x, uses[2])
         elif cfg.mode == "weighted_sum":
             self.active = (False, True, True)
         elif cfg.mode == "concat":
@@ -158,7 +165,7 @@ class CrossFusion(nn.Module):
         return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=0)
 
     def _device(self) -> torch.device:
-        return self.proj_d.weight.device
+        return next(self.parameters()).device
 
     def ddpm_branch(self, d: torch.Tensor) -> torch.Tensor:
         """Filter (Fig. 4), project to Cx and normalise the DDPM features (Table I norm)."""
@@ -183,7 +190,7 @@ class CrossFusion(nn.Module):
         if d.shape[0] != x.shape[0] or d.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"DDPM features {tuple(d.shape)} must match detector features "
                              f"{tuple(x.shape)} in batch and spatial size (resample them first)")
-        d = self.ddpm_branch(d).to(x.dtype)
+        d = self.ddpm_branch(d).to(x.dtype) if self.proj_d is not None else None
         mode = self.config.mode
         if mode == "dynamic":
             fused = self._dynamic(x, d)

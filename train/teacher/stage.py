@@ -31,6 +31,9 @@ class Config(StrictModel):
     # whatever it gains comes from the DDPM branches
     init: Literal["weights", "baseline"] = "weights"
     resvae: Path | None = None  # compressor run; default: the one recorded in the repository
+    # "shuffled": the control that keeps every parameter and removes the information -- each image gets
+    # the DDPM features of another image of its split (a seeded derangement); its student sees the same
+    features: Literal["true", "shuffled"] = "true"
     fusion: FusionConfig = FusionConfig()
     train: TrainConfig = TrainConfig()
 
@@ -39,7 +42,8 @@ TeacherStageConfig = Config
 
 
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
-    return Config(init=pcfg.teacher.init, fusion=pcfg.teacher.fusion, train=pcfg.train)
+    return Config(init=pcfg.teacher.init, features=pcfg.teacher.features, fusion=pcfg.teacher.fusion,
+                  train=pcfg.train)
 
 
 def wants(cfg: Config, inputs: dict[str, Path]) -> set[str]:
@@ -86,7 +90,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         raise ArtifactError(f"{layout.yaml_path} has a test split: pass its compressed repository (--test-repo) "
                             "so the teacher's held-out numbers are measured")
     repos = [repo, val_repo] + ([inputs["test_repo"]] if "test" in splits else [])
-    features = FeatureProvider(repos, cfg.resvae, device=str(resolve_device(cfg.train.device)))
+    shuffle = cfg.train.seed if cfg.features == "shuffled" else None
+    features = FeatureProvider(repos, cfg.resvae, device=str(resolve_device(cfg.train.device)), shuffle_seed=shuffle)
     _check_coverage(features, layout, splits)
     model = FusionTeacher(TeacherConfig(nc=layout.nc, ddpm_channels=features.channels, fusion=cfg.fusion))
     start = inputs["baseline"] if cfg.init == "baseline" else cfg.train.weights
@@ -97,7 +102,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     store = features.stores[0]  # what `d3n val` needs to compute the same features for new images
     extra = {"names": list(layout.names), "imgsz": cfg.train.imgsz, "repo": str(Path(repo).resolve()),
              "compressor": str(features.compressor or ""), "ddpm": store.meta.get("ddpm_run"),
-             "timesteps": store.timesteps}
+             "timesteps": store.timesteps, "shuffle_seed": shuffle}
     task = TeacherTask(model, features, cfg.train.imgsz, extra, identity(cfg, mode="json"))
 
     def log_branches(m, epoch):

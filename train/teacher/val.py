@@ -49,7 +49,7 @@ def run(model_path: Path, data: Path, imgsz: int = 640, batch: int = 16, device:
         raise DataError(f"{layout.yaml_path}: {layout.nc} classes, but {model_path} predicts {teacher.config.nc}")
     images = {p.stem: p for p in layout.images(split)}
     source, compressor, how = feature_source(teacher, Path(model_path), images, repo, ddpm, resvae, device)
-    features = FeatureProvider([source], compressor, device=device)
+    features = FeatureProvider([source], compressor, device=device, shuffle_seed=teacher.extra.get("shuffle_seed"))
     if features.channels != teacher.config.ddpm_channels:
         raise ArtifactError(f"features ({how}) decode to {features.channels} channels; {model_path} was trained "
                             f"on {teacher.config.ddpm_channels}")

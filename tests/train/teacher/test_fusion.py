@@ -170,3 +170,17 @@ def test_bad_inputs_and_configs_are_clear_errors():
     x, d = _inputs()
     with pytest.raises(ValueError, match="resample them first"):
         CrossFusion(CX, CD)(x, d[..., :3])
+
+
+def test_without_ddpm_no_branch_reads_the_ddpm_features():
+    """The "distillation alone" control: no filter, projection, cross- or DDPM self-attention, and
+    the output does not depend on D at all; the detector branch and the residual stay."""
+    x, d = _inputs()
+    fusion = CrossFusion(CX, CD, FusionConfig(use_ddpm=False))
+    assert fusion.filter is None and fusion.proj_d is None and fusion.cross is None and fusion.self_d is None
+    assert fusion.self_x is not None and fusion.out is not None
+    _perturb(fusion)
+    torch.testing.assert_close(fusion(x, d), fusion(x, torch.randn_like(d) * 5))
+    assert not any("proj_d" in n or "filter" in n for n, _ in fusion.named_parameters())
+    with pytest.raises(ValueError, match="use_ddpm"):
+        FusionConfig(use_ddpm=False, mode="sum")
