@@ -23,7 +23,8 @@ import numpy as np
 from d3n.boxes import box_iou
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
-KEYS = ("mAP50", "mAP50-95", "precision", "recall", "per_class_AP50")
+KEYS = ("mAP50", "mAP50-95", "precision", "recall", "recall@0.25", "per_class_AP50")
+OPERATING_CONF = 0.25  # the runtime's default --conf: what a line's operator actually gets
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's 101-point recall grid
 CONF_POINTS = np.linspace(0.0, 1.0, 1000)  # where precision, recall and F1 are compared
 F1_SMOOTHING = 0.1  # box-filter width, as a fraction of CONF_POINTS
@@ -125,13 +126,23 @@ def detection_metrics(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, ta
     """The KEYS, as fractions rounded to 5 decimals; classes without ground truth get AP50 0."""
     per_class = {n: 0.0 for n in names}
     if not len(conf) or not len(target_cls):
-        return {"mAP50": 0.0, "mAP50-95": 0.0, "precision": 0.0, "recall": 0.0, "per_class_AP50": per_class}
+        return {"mAP50": 0.0, "mAP50-95": 0.0, "precision": 0.0, "recall": 0.0, "recall@0.25": 0.0,
+                "per_class_AP50": per_class}
     res = ap_per_class(tp, conf, pred_cls, target_cls)
     for c, ap in zip(res.classes, res.ap[:, 0], strict=True):
         per_class[names[c]] = round(float(ap), 5)
     return {"mAP50": round(float(res.ap[:, 0].mean()), 5), "mAP50-95": round(float(res.ap.mean()), 5),
             "precision": round(float(res.precision.mean()), 5), "recall": round(float(res.recall.mean()), 5),
-            "per_class_AP50": per_class}
+            "recall@0.25": round(operating_recall(tp, conf, pred_cls, target_cls), 5), "per_class_AP50": per_class}
+
+
+def operating_recall(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray,
+                     threshold: float = OPERATING_CONF) -> float:
+    """Recall at IoU 0.5 of the detections kept at `threshold`, averaged over the classes with ground
+    truth (`recall` above is at the best-F1 confidence, which the line does not run at)."""
+    kept = (conf >= threshold) & tp[:, 0]
+    per = [kept[pred_cls == c].sum() / (target_cls == c).sum() for c in np.unique(target_cls)]
+    return float(np.mean(per)) if per else 0.0
 
 
 @dataclass

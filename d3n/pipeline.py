@@ -169,6 +169,7 @@ class Pipeline:
                 shutil.rmtree(d)
             self.share.copy(src, d)
             self.status[stage.name] = f"shared ({src.parent.name})"
+            write_json(state_file, {"key": key, "made": self.status[stage.name]})
             log.info("stage %s: same key as %s, shared", stage.name, src)
             return
         if state.get("key") != key and d.exists():
@@ -182,5 +183,6 @@ class Pipeline:
         execute(stage, config, inputs, d)
         self.timings[stage.name] = round(time.time() - t0, 1)
         self.status[stage.name] = "resumed" if resumed else "ran"
+        write_json(state_file, {"key": key, "made": self.status[stage.name]})  # how this folder came to be
         if self.share is not None:
             self.share.add(key, d)

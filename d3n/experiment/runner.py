@@ -51,7 +51,10 @@ def run_cell(exp: ExperimentConfig, variant: str, seed: int, share: StageShare) 
     took = round(time.time() - t0, 1)
     ran = {s: pipe.timings.get(s) for s, st in pipe.status.items() if st in ("ran", "resumed")}
     seconds = {**previous.get("stage_seconds", {}), **ran}  # a cell resumed across sessions adds up
-    record = {"cell": name, "variant": variant, "seed": seed, "complete": True, "status": pipe.status,
+    # how each stage folder came to be (ran / resumed / shared), as the pipeline recorded it
+    status = {s: read_json(p).get("made", st) for s, st in pipe.status.items()
+              if (p := folder / s / ".pipeline.json").exists()}
+    record = {"cell": name, "variant": variant, "seed": seed, "complete": True, "status": status,
               "stage_seconds": seconds, "seconds": round(sum(v for v in seconds.values() if v), 1),
               "wall_seconds_last_run": took}
     write_json(folder / CELL, record)

@@ -79,7 +79,16 @@ def test_map_averages_only_classes_with_ground_truth():
     assert m["per_class_AP50"] == {"a": 0.995, "b": 0.0, "c": 0.0}
     assert m["mAP50"] == pytest.approx(0.995 / 2)
     empty = detection_metrics(np.zeros((0, 10), bool), np.zeros(0), np.zeros(0), np.array([0]), ["a"])
-    assert empty == {"mAP50": 0.0, "mAP50-95": 0.0, "precision": 0.0, "recall": 0.0, "per_class_AP50": {"a": 0.0}}
+    assert empty == {"mAP50": 0.0, "mAP50-95": 0.0, "precision": 0.0, "recall": 0.0, "recall@0.25": 0.0,
+                     "per_class_AP50": {"a": 0.0}}
+
+
+def test_recall_at_the_operating_threshold():
+    """Class 0: 2 ground truths, found at conf 0.9 and 0.1 -> 1/2 kept at 0.25; class 1: 1 of 1 at 0.3;
+    a false positive at 0.95 changes nothing: recall@0.25 = mean(0.5, 1.0)."""
+    tp = _tp(True, True, True, False)
+    m = detection_metrics(tp, np.array([0.9, 0.1, 0.3, 0.95]), np.array([0, 0, 1, 1]), np.array([0, 0, 1]), ["a", "b"])
+    assert m["recall@0.25"] == pytest.approx(0.75)
 
 
 def test_detection_stats_from_boxes():

@@ -239,7 +239,7 @@ def weights_key(tcfg: TrainConfig) -> dict:
     return {"weights": sha256_file(tcfg.weights)}
 
 
-SCORES = ("mAP50", "mAP50-95", "precision", "recall", "per_class_AP50")
+SCORES = ("mAP50", "mAP50-95", "precision", "recall", "recall@0.25", "per_class_AP50")
 
 
 def summary(best: dict) -> dict:

@@ -1,0 +1,93 @@
+"""`d3n experiment`: cells share the stages they have in common, a killed cell resumes, the
+statistics give known answers, and the report holds every row and comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from d3n.cli import main
+from d3n.experiment.spec import cell_config, load_experiment, merge
+from d3n.experiment.stats import mean_std, paired
+
+BASE = {
+    "data": {"synth": {"images": 20, "size": 96, "seed": 0, "test_frac": 0.2}},
+    "ddpm": {"preset": "tiny", "size": 16, "steps": 3, "batch": 4},
+    "compress": {"method": "resvae", "steps": 3, "batch": 16},
+    "train": {"imgsz": 96, "epochs": 1, "batch": 8, "workers": 0, "seed": 0},
+    "export": {"formats": ["onnx"]},
+}
+
+
+def _experiment(tmp_path: Path) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    exp = {"base": "base.yaml", "out": "study", "seeds": [0, 1], "common": {"teacher": {"init": "baseline"}},
+           "variants": {"d3n": {}, "no-ddpm": {"teacher": {"fusion": {"use_ddpm": False}}}}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def test_known_intervals():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    wide = paired({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4, 1: 0.4, 2: 0.4})  # diffs .1 .2 .3: t(2) = 4.303
+    assert wide.n == 3 and wide.mean == pytest.approx(0.2)
+    assert (wide.low, wide.high) == (pytest.approx(0.2 - 4.303 * 0.1 / 3 ** 0.5), pytest.approx(0.2 + 0.24844, abs=1e-4))
+    assert wide.verdict == "no difference"
+    tight = paired({0: 0.5, 1: 0.61, 2: 0.72}, {0: 0.4, 1: 0.5, 2: 0.6})  # diffs .10 .11 .12
+    assert tight.verdict == "higher" and tight.low == pytest.approx(0.11 - 4.303 * 0.01 / 3 ** 0.5)
+    assert paired({0: 0.1, 1: 0.2}, {1: 0.3, 2: 0.1}).verdict == "one seed: no interval"
+    assert paired({0: 0.1}, {1: 0.1}) is None
+
+
+def test_cell_configs_merge_and_keep_one_stage_one_seed(tmp_path):
+    exp = load_experiment(_experiment(tmp_path))
+    c = cell_config(exp, "no-ddpm", 1)
+    assert c["seed"] == 0 and c["train"]["seed"] == 1  # one DDPM for all cells, the detectors' seed varies
+    assert c["teacher"] == {"init": "baseline", "fusion": {"use_ddpm": False}}
+    assert c["out"].endswith("cells/no-ddpm-s1")
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+
+
+def test_runner_shares_stages_resumes_a_killed_cell_and_reports(tmp_path, monkeypatch):
+    from d3n.distill import trainer
+
+    path = _experiment(tmp_path)
+    study = tmp_path / "study"
+    assert main(["experiment", str(path), "--cells", "d3n-s0"]) == 0
+    real = trainer.finish
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "finish", killed)  # d3n-s1 dies after its student trained
+    assert main(["experiment", str(path), "--cells", "d3n-s1"]) == 130  # d3n: interrupted
+    monkeypatch.setattr(trainer, "finish", real)
+    assert main(["experiment", str(path)]) == 0
+
+    cells = {c.name: json.loads((c / "cell.json").read_text()) for c in (study / "cells").iterdir()}
+    assert set(cells) == {"d3n-s0", "d3n-s1", "no-ddpm-s0", "no-ddpm-s1"}
+    ran = {}
+    for rec in cells.values():
+        for stage, status in rec["status"].items():
+            if status in ("ran", "resumed"):
+                ran[stage] = ran.get(stage, 0) + 1
+    # stage 1 once; one baseline per seed; a teacher and a student per cell
+    assert ran["data"] == ran["ddpm"] == ran["repo"] == ran["resvae"] == ran["compress"] == 1
+    assert ran["baseline"] == 2 and ran["teacher"] == 4 and ran["distill"] == 4
+    assert cells["d3n-s1"]["status"]["distill"] == "resumed"
+    assert cells["no-ddpm-s0"]["status"]["baseline"].startswith("shared")
+
+    report = json.loads((study / "experiment.json").read_text())
+    assert set(report["rows"]) == {"baseline", "d3n teacher", "d3n student", "no-ddpm teacher", "no-ddpm student"}
+    assert all(len(r["seeds"]) == 2 for r in report["rows"].values())
+    pairs = {(p["a"], p["b"], p["metric"]) for p in report["paired"]}
+    assert ("d3n student", "baseline", "mAP50") in pairs and ("d3n student", "no-ddpm student", "mAP50") in pairs
+    md = (study / "experiment.md").read_text()
+    assert "test** split (checkpoints chosen on val)" in md and "95 % interval" in md
+    for fig in ("fig11_branch_weights.png", "fig12_curves.png", "fig13_map_vs_gflops.png"):
+        assert (study / fig).exists(), fig
+    assert main(["experiment", str(path), "--gather"]) == 0
