@@ -46,8 +46,8 @@ def register(sub) -> None:
     b.add_argument("--json", type=Path, help="write the results here (default <out>/bench.json)")
     b.add_argument("--frames", type=int, default=200, help="frames per end-to-end run")
     b.add_argument("--iters", type=int, default=100, help="timed model-only iterations per backend")
-    b.add_argument("--calib", type=Path, help="dataset for INT8 calibration and mAP50 (default: synthetic "
-                                              "frames, no mAP)")
+    b.add_argument("--calib", type=Path, help="dataset for INT8 calibration and mAP50 (default: a generated "
+                                              "synthetic dataset, whose mAP says nothing about the model)")
     b.add_argument("--out", type=Path, help="folder for the exported models (default: a temp folder)")
     b.set_defaults(func=_cmd_bench)
 

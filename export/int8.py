@@ -5,7 +5,8 @@ optimisation), then `quantize_static` fed by letterboxed frames. Two parts stay 
 - the detect head's decode (DFL softmax, box arithmetic, the final concat of pixel boxes with
   0-1 scores): one int8 scale over values from 0 to 640 and from 0 to 1 would erase the scores;
 - the stem (module 0: the first conv and its SiLU). Quantized, it cost the NEU-DET student 6.9
-  mAP50 points at 128 px; kept float, the drop is 0.1 points for about 4 % more INT8 latency.
+  mAP50 points at 128 px; kept float, the drop is 0.1 points for about 4 % more INT8 latency
+  (both measured with the earlier ultralytics-validator scorer, docs/deploy.md).
 
 Two flavours: ORT CPU (uint8 activations, asymmetric: the u8s8 kernels) and TensorRT explicit
 quantization (int8 symmetric activations and weights, which TensorRT requires).
