@@ -128,9 +128,10 @@ def load_torch(path: str | os.PathLike, what: str, **kw: Any) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: {what} not found")
-    kw = {"map_location": "cpu", "weights_only": True, **kw}
+    weights_only = kw.pop("weights_only", True)
+    kw.setdefault("map_location", "cpu")
     try:
-        return torch.load(path, **kw)
+        return torch.load(path, weights_only=weights_only, **kw)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise ArtifactError(f"{path}: not a readable {what} ({exc})") from None
 
