@@ -40,8 +40,10 @@ class FeatureProvider:
                  shuffle_seed: int | None = None):
         self.stores = [FeatureStore.open(r) if isinstance(r, str | Path) else r for r in repos]
         # the "shuffled" control: each image gets the features of another image of its split
-        self.swap = {k: v for s in self.stores for k, v in derangement(s.image_ids, shuffle_seed).items()} \
-            if shuffle_seed is not None else {}
+        self.swap: dict[str, str] = {}
+        if shuffle_seed is not None:
+            for s in self.stores:
+                self.swap.update(derangement(s.image_ids, shuffle_seed))
         kinds = {s.kind for s in self.stores}
         if len(kinds) != 1:
             raise ArtifactError(f"repositories {[str(s.root) for s in self.stores]} mix kinds {sorted(kinds)}")
