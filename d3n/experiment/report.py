@@ -14,6 +14,7 @@ import csv
 from pathlib import Path
 
 from d3n.artifacts import METRICS, atomic_path, read_json, write_json, write_text
+from d3n.experiment.cam import report_figure as fig14_gradcam
 from d3n.experiment.runner import cell_folder, finished_cells
 from d3n.experiment.spec import ExperimentConfig
 from d3n.experiment.stats import mean_std, paired
@@ -240,6 +241,7 @@ def write_experiment_report(exp: ExperimentConfig) -> dict:
         figs = [fig11_branch_weights(rows, exp.out / "fig11_branch_weights.png"),
                 fig12_curves(rows, exp.out / "fig12_curves.png", ("baseline", f"{first} student")),
                 fig13_map_vs_gflops(data, rows, exp.out / "fig13_map_vs_gflops.png")]
+        figs.append(fig14_gradcam(rows, f"{first} student", exp.out / "fig14_gradcam.png"))
         md += [f"![{f.stem}]({f.name})" for f in figs if f is not None] + [""]
     md += ["## Time per cell", "", *time_table(exp), ""]
     write_text(exp.out / "experiment.md", "\n".join(md))

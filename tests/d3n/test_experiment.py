@@ -88,6 +88,6 @@ def test_runner_shares_stages_resumes_a_killed_cell_and_reports(tmp_path, monkey
     assert ("d3n student", "baseline", "mAP50") in pairs and ("d3n student", "no-ddpm student", "mAP50") in pairs
     md = (study / "experiment.md").read_text()
     assert "test** split (checkpoints chosen on val)" in md and "95 % interval" in md
-    for fig in ("fig11_branch_weights.png", "fig12_curves.png", "fig13_map_vs_gflops.png"):
+    for fig in ("fig11_branch_weights.png", "fig12_curves.png", "fig13_map_vs_gflops.png", "fig14_gradcam.png"):
         assert (study / fig).exists(), fig
     assert main(["experiment", str(path), "--gather"]) == 0
