@@ -20,7 +20,7 @@ from pydantic import model_validator
 
 from d3n.artifacts import MANIFEST, read_json, write_json
 from d3n.config import StrictModel, load_yaml, validate
-from d3n.data.stage import DataSpec
+from d3n.data.stage import Config as DataSpec  # the data stage's config is the `data:` section
 from d3n.distill.loss import DistillConfig
 from d3n.errors import ConfigError
 from d3n.stage import Stage, execute, stage_key

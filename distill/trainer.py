@@ -37,9 +37,6 @@ class Config(StrictModel):
     train: TrainConfig = TrainConfig()
 
 
-DistillStageConfig = Config
-
-
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
     loss = DistillConfig(**pcfg.distill.model_dump(exclude={"teacher"}))
     return Config(teacher=pcfg.distill.teacher, distill=loss, train=pcfg.train)

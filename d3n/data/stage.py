@@ -29,9 +29,6 @@ class Config(StrictModel):
     skip_bad: bool = False
 
 
-DataSpec = Config  # the pipeline config's `data:` section is this stage's config
-
-
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
     return pcfg.data
 

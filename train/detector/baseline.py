@@ -17,9 +17,6 @@ class Config(StrictModel):
     train: TrainConfig = TrainConfig()  # train.weights: start from these weights instead of scratch
 
 
-BaselineConfig = Config
-
-
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
     return Config(train=pcfg.train)
 

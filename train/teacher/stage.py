@@ -38,9 +38,6 @@ class Config(StrictModel):
     train: TrainConfig = TrainConfig()
 
 
-TeacherStageConfig = Config
-
-
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
     return Config(init=pcfg.teacher.init, features=pcfg.teacher.features, fusion=pcfg.teacher.fusion,
                   train=pcfg.train)
