@@ -55,6 +55,17 @@ def _resvae_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repo_probe(args: argparse.Namespace) -> int:
+    from d3n.artifacts import write_json
+    from d3n.train.repository.probe import probe
+
+    result = probe(args.repo, args.eval_repo, args.data, args.split)
+    print_metrics(result)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
 def _repo_parser(sub) -> None:
     p = sub.add_parser("repo", help="stage 1: feature repository").add_subparsers(dest="repo_cmd", metavar="CMD")
     b = p.add_parser("build", help="extract DDPM decoder features of a split (resumes at the first missing shard)")
@@ -75,6 +86,13 @@ def _repo_parser(sub) -> None:
     c.add_argument("--batch", type=int, default=32)
     add_device(c)
     c.set_defaults(func=_repo_compress)
+    pr = p.add_parser("probe", help="linear probe: how well each level's features separate the defect classes")
+    pr.add_argument("--repo", type=Path, required=True, help="the train split's repository (fits the probe)")
+    pr.add_argument("--eval-repo", dest="eval_repo", type=Path, required=True, help="another split's repository")
+    pr.add_argument("--data", type=Path, required=True, help="the dataset (labels give each image's class)")
+    pr.add_argument("--split", default="val", help="the split of --eval-repo (default val)")
+    pr.add_argument("--json", type=Path, help="write the result here")
+    pr.set_defaults(func=_repo_probe)
 
 
 def _resvae_parser(sub) -> None:
