@@ -35,11 +35,18 @@ def image_classes(layout: DatasetLayout, split: str) -> dict[str, int]:
     return out
 
 
-def pooled(store: FeatureStore, level: str, stems: list[str], t: int | None) -> np.ndarray:
-    """(n, D): features averaged over space; one timestep, or all T concatenated (t None)."""
+def pooled(store: FeatureStore, level: str, stems: list[str], t: int | None, decoder=None) -> np.ndarray:
+    """(n, D): features averaged over space; one timestep, or all T concatenated (t None). With the
+    compressor's `decoder`, latents are first decoded to what the teacher sees."""
+    import torch
+
     rows = []
     for s in stems:
-        x = store.get(s)[level].astype(np.float32).mean(axis=(-2, -1))  # (T, C)
+        x = store.get(s)[level].astype(np.float32)  # (T, C, H, W)
+        if decoder is not None:
+            with torch.no_grad():
+                x = decoder[level](torch.from_numpy(x)).numpy()
+        x = x.mean(axis=(-2, -1))  # (T, C)
         rows.append(x.reshape(-1) if t is None else x[t])
     return np.stack(rows)
 
@@ -67,13 +74,18 @@ def probe(train_repo: Path, eval_repo: Path, data: Path, eval_split: str = "val"
         raise DataError(f"{layout.yaml_path}: no labelled images in common with the repositories")
     y_a, y_b = np.array([ytr[s] for s in s_tr]), np.array([yev[s] for s in s_ev])
     nc = layout.nc
-    result = {"kind": tr.kind, "train_images": len(s_tr), "eval_images": len(s_ev), "eval_split": eval_split,
+    decoder = None
+    if tr.kind != "raw":  # probe what the teacher sees: the decoded features
+        from d3n.train.repository.compress import load_decoder
+
+        decoder = load_decoder(tr.meta["compressor"])
+    result = {"kind": tr.kind, "decoded": decoder is not None, "train_images": len(s_tr), "eval_images": len(s_ev), "eval_split": eval_split,
               "chance": float(np.bincount(y_b, minlength=nc).max() / len(y_b)), "levels": {}}
     for lv in tr.levels:
-        per_t = {str(t): ridge_accuracy(pooled(tr, lv, s_tr, i), y_a, pooled(ev, lv, s_ev, i), y_b, nc)
-                 for i, t in enumerate(tr.timesteps)}
-        result["levels"][lv] = {"all_timesteps": ridge_accuracy(pooled(tr, lv, s_tr, None), y_a,
-                                                                pooled(ev, lv, s_ev, None), y_b, nc),
+        per_t = {str(t): ridge_accuracy(pooled(tr, lv, s_tr, i, decoder), y_a, pooled(ev, lv, s_ev, i, decoder),
+                                        y_b, nc) for i, t in enumerate(tr.timesteps)}
+        result["levels"][lv] = {"all_timesteps": ridge_accuracy(pooled(tr, lv, s_tr, None, decoder), y_a,
+                                                                pooled(ev, lv, s_ev, None, decoder), y_b, nc),
                                 "per_timestep": per_t}
     size = tr.meta.get("ddpm_size")
     if size:  # the control: the DDPM's own input, pixels as features

@@ -29,3 +29,13 @@ def test_probe_command_on_a_real_repository(micro_pipeline, tmp_path):
     for lv in r["levels"].values():
         assert 0 <= lv["all_timesteps"] <= 1 and set(lv["per_timestep"]) == {"100", "150", "250"}
     assert r["pixels"]["size"] == 16 and 0 <= r["pixels"]["accuracy"] <= 1
+
+
+def test_probe_decodes_a_compressed_repository_first(micro_pipeline, tmp_path):
+    """The teacher sees decoded features, so the probe scores those, not the latents."""
+    _, out = micro_pipeline
+    assert main(["repo", "probe", "--repo", str(out / "compress" / "train"), "--eval-repo",
+                 str(out / "compress" / "val"), "--data", str(out / "data" / "dataset"),
+                 "--json", str(tmp_path / "p.json")]) == 0
+    r = json.loads((tmp_path / "p.json").read_text())
+    assert r["kind"] == "resvae" and r["decoded"] is True
