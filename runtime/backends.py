@@ -85,6 +85,35 @@ def check_input_shape(model_path: Path, sc: sidecar_mod.Sidecar, shape) -> tuple
     return want
 
 
+def _dim(v) -> int | None:
+    """A fixed dimension as an int; None for a dynamic one (a name, -1 or 0)."""
+    return int(v) if isinstance(v, (int, np.integer)) and v > 0 else None
+
+
+def check_output_shape(model_path: Path, sc: sidecar_mod.Sidecar, shape) -> None:
+    """Check the model's first output against the sidecar's layout and class names.
+
+    The sha256 check only proves the sidecar was written for this file, not that a hand-edited
+    name list still fits it: a list shorter than the model's classes would pass and then fail
+    (IndexError) on the first confident detection, deep in the pipeline threads.
+    """
+    dims = [_dim(v) for v in shape]
+    name = sidecar_mod.sidecar_path(model_path).name
+    shown = tuple(d if d is not None else "?" for d in dims)
+    if sc.output.kind == "nms":
+        if len(dims) != 3 or dims[2] not in (6, None):
+            raise ArtifactError(f"{model_path}: output shape {shown} is not the in-graph NMS "
+                                f"table (1, max_det, 6) that {name} declares (output.kind nms)")
+        return  # class ids out of range are dropped by decode_nms; nc is not in this shape
+    if len(dims) != 3 or (dims[1] is not None and dims[1] < 5):
+        raise ArtifactError(f"{model_path}: output shape {shown} is not the raw head "
+                            f"(1, 4 + nc, anchors) that {name} declares")
+    if dims[1] is not None and dims[1] - 4 != len(sc.names):
+        raise ArtifactError(f"{model_path}: the model outputs {dims[1] - 4} classes (output "
+                            f"{shown}), but its sidecar {name} lists {len(sc.names)} class names; "
+                            "the sidecar does not match this model (re-export it)")
+
+
 def open_backend(model_path: str | Path, device: str = "auto", **options) -> Backend:
     """Load `model_path` with its checked sidecar on the best backend for `device`.
 

@@ -64,19 +64,34 @@ def prometheus_text(stats: Stats, labels: dict[str, str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def health(stats: Stats, state: str = "running") -> dict:
+STALE_AFTER_S = 5.0  # default: a frame older than this means the source or pipeline has stalled
+
+
+def health(stats: Stats, state="running", stale_after: float = STALE_AFTER_S) -> dict:
+    """The /health body. `state` is a status string or (status, reason): "running", "starting",
+    "degraded" or "stopping". A running pipeline whose last frame is older than `stale_after`
+    seconds is reported degraded: the source stalled without dropping, or a stage hangs."""
+    status, reason = state if isinstance(state, tuple) else (state, None)
     age = stats.last_frame_age()
-    return {"status": state, "uptime_s": round(stats.uptime(), 3), "frames": stats.counters["frames"],
+    if status == "running" and age is not None and age > stale_after:
+        status, reason = "degraded", f"no frame for {age:.1f} s (more than {stale_after:g} s)"
+    return {"status": status, "reason": reason, "uptime_s": round(stats.uptime(), 3),
+            "frames": stats.counters["frames"],
             "last_frame_age_s": None if age is None else round(age, 3),
-            "reconnects": stats.counters["reconnects"], "source_drops": stats.counters["source_drops"]}
+            "stale_after_s": stale_after, "reconnects": stats.counters["reconnects"],
+            "source_drops": stats.counters["source_drops"]}
 
 
 class MetricsServer:
-    """Serves /health and /metrics for `stats`. `port=0` picks a free port (see `.port`)."""
+    """Serves /health and /metrics for `stats`. `port=0` picks a free port (see `.port`).
+
+    `state()` returns the pipeline's status for /health (see `health`); /health answers 200 only
+    while it is "running" with fresh frames, 503 otherwise, so a plain HTTP check alerts.
+    """
 
     def __init__(self, stats: Stats, host: str = "127.0.0.1", port: int = 9100,
-                 state=lambda: "running"):
-        self.stats, self.state = stats, state
+                 state=lambda: "running", stale_after: float = STALE_AFTER_S):
+        self.stats, self.state, self.stale_after = stats, state, stale_after
         handler = self._handler()
         try:
             self.server = ThreadingHTTPServer((host, port), handler)
@@ -91,17 +106,18 @@ class MetricsServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - stdlib name
-                path = self.path.split("?")[0]
+                path, code = self.path.split("?")[0], 200
                 if path == "/metrics":
                     body = prometheus_text(outer.stats).encode()
                     ctype = "text/plain; version=0.0.4; charset=utf-8"
                 elif path == "/health":
-                    body = json.dumps(health(outer.stats, outer.state())).encode()
-                    ctype = "application/json"
+                    doc = health(outer.stats, outer.state(), outer.stale_after)
+                    body, ctype = json.dumps(doc).encode(), "application/json"
+                    code = 200 if doc["status"] == "running" else 503
                 else:
                     self.send_error(404, "try /health or /metrics")
                     return
-                self.send_response(200)
+                self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from d3n.errors import ArtifactError, ConfigError
-from d3n.runtime.backends import Backend, check_input_shape
+from d3n.runtime.backends import Backend, check_input_shape, check_output_shape
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,9 @@ class OrtBackend(Backend):
         self.input_name = inp.name
         self.input_dtype = np.dtype(np.float16 if inp.type == "tensor(float16)" else np.float32)
         self.input_shape = check_input_shape(model_path, sidecar, inp.shape)
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        outputs = self.session.get_outputs()
+        check_output_shape(model_path, sidecar, outputs[0].shape)
+        self.output_names = [o.name for o in outputs]
         log.info("%s: loaded %s, input %s %s", self.name, model_path.name, self.input_shape,
                  self.input_dtype)
 

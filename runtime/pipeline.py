@@ -13,6 +13,10 @@ Public API (used by `d3n run` and `d3n bench`):
 returns a dict: frames, fps (recent window), mean_fps (whole run), latency_ms per stage
 ({"p50", "p99"}), frames_dropped, source_drops, reconnects, corrupt_frames, sink_failures,
 backend, source_error, failed_sinks, stopped_by.
+
+Start-up order: model, source check and metrics port first, then warm-up, then the source is
+opened, and only then are the sinks created: a run that cannot start (bad model, source or
+option, busy port, a source that never opens) leaves no empty output file behind.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 from d3n.errors import ConfigError
 from d3n.runtime.backends import Backend, open_backend
-from d3n.runtime.http import MetricsServer
+from d3n.runtime.http import STALE_AFTER_S, MetricsServer
 from d3n.runtime.postprocess import class_thresholds, postprocess
 from d3n.runtime.preprocess import prepare
 from d3n.runtime.roi import RoiMask
@@ -70,6 +74,17 @@ class _Runner:
         self.abort = threading.Event()  # a stage failed: everyone stops
         self.errors: list[BaseException] = []
         self.stopped_by = "end of source"
+        self.phase = "warming up the model"  # what /health says before the first frame
+
+    def health_state(self) -> tuple[str, str | None]:
+        """(status, reason) for /health; the HTTP server adds the staleness check."""
+        if self.stop_event.is_set() or self.abort.is_set():
+            return "stopping", "the run is ending"
+        if self.source.down_reason:
+            return "degraded", self.source.down_reason
+        if not self.stats.counters["frames"]:
+            return "starting", self.phase
+        return "running", None
 
     def _put(self, q: queue.Queue, item) -> bool:
         while not self.abort.is_set():
@@ -194,38 +209,23 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
         src = source if isinstance(source, Source) else Source(
             source, stats, max_reconnects=max_reconnects, backoff=backoff)
         src.stats = stats
-        for s in sinks:  # opened one by one so that a failure closes the ones already open
-            sink_set.sinks.append(s if isinstance(s, Sink) else parse_sink(s, fps=video_fps))
-        if warmup:
-            backend.warmup(warmup)
         runner = _Runner(backend, src, sink_set, stats, conf=conf, iou=iou, max_det=max_det,
                          class_conf=class_ids, roi=roi_mask, max_fps=max_fps, max_frames=max_frames,
                          stop_event=stop_event, on_result=on_result)
-        if metrics_port is not None:
-            server = MetricsServer(stats, metrics_host, metrics_port,
-                                   state=lambda: "stopping" if stop_event.is_set() else "running").start()
-        threads = [threading.Thread(target=runner._guard(fn), name=f"stage:{fn.__name__}", daemon=True)
-                   for fn in (runner.preprocess_stage, runner.infer_stage, runner.post_stage)]
-        src.start()
-        for t in threads:
-            t.start()
+        if metrics_port is not None:  # bound before any output exists: a busy port leaves none
+            server = MetricsServer(stats, metrics_host, metrics_port, state=runner.health_state,
+                                   stale_after=stale_after(max_fps)).start()
+        if warmup:
+            backend.warmup(warmup)
         deadline = None if duration is None else time.monotonic() + duration
-        next_status = time.monotonic() + status_every
-        while threads[-1].is_alive():
-            threads[-1].join(0.2)
-            if status_every and time.monotonic() >= next_status:  # a heartbeat in long runs
-                next_status += status_every
-                s = stats.summary()
-                log.info("status: %d frames, %.1f FPS, e2e p99 %.0f ms, dropped %d, reconnects %d, "
-                         "corrupt %d", s["frames"], s["fps"], s["latency_ms"]["end_to_end"]["p99"],
-                         s["frames_dropped"], s["reconnects"], s["corrupt_frames"])
-            if deadline is not None and time.monotonic() >= deadline and not stop_event.is_set():
-                runner.stopped_by = "duration"
-                stop_event.set()
-        if stop_event.is_set() and runner.stopped_by == "end of source":
-            runner.stopped_by = "stop requested"
-        elif max_frames is not None and stats.counters["frames"] >= max_frames:
-            runner.stopped_by = "max frames"
+        runner.phase = "opening the source"
+        src.start()
+        if _wait_for_source(runner, deadline):
+            for s in sinks:  # opened one by one so that a failure closes the ones already open
+                sink_set.sinks.append(s if isinstance(s, Sink) else parse_sink(s, fps=video_fps))
+            runner.phase = "waiting for the first frame"
+            _drive(runner, deadline, status_every)
+        runner.stopped_by = _why_stopped(runner, max_frames)
     finally:
         if runner is not None:
             runner.abort.set()  # unblocks any stage still waiting on a queue
@@ -247,3 +247,63 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
              out["frames"], out["mean_fps"], out["latency_ms"]["end_to_end"]["p50"])
     return out
 
+
+def stale_after(max_fps: float | None) -> float:
+    """Seconds without a frame after which /health reports degraded: 5 s, or 10 frame
+    intervals when --max-fps makes frames rarer than that."""
+    return max(STALE_AFTER_S, 10.0 / max_fps) if max_fps else STALE_AFTER_S
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _wait_for_source(runner: _Runner, deadline: float | None) -> bool:
+    """Wait until the source has opened (True), or failed, a stop came or time ran out (False).
+
+    A live source may take a while (it is retried with backoff); the sinks are created only
+    once it has opened, so a source that never opens leaves no empty output file.
+    """
+    src, stop_event = runner.source, runner.stop_event
+    while not src.opened.wait(0.1):
+        if src.ended or stop_event.is_set():
+            return False
+        if _past(deadline):
+            runner.stopped_by = "duration"
+            stop_event.set()
+            return False
+    return True
+
+
+def _drive(runner: _Runner, deadline: float | None, status_every: float) -> None:
+    """Run the stages until the post stage ends; log a status line every `status_every` s."""
+    stats, stop_event = runner.stats, runner.stop_event
+    threads = [threading.Thread(target=runner._guard(fn), name=f"stage:{fn.__name__}", daemon=True)
+               for fn in (runner.preprocess_stage, runner.infer_stage, runner.post_stage)]
+    for t in threads:
+        t.start()
+    next_status = time.monotonic() + status_every
+    while threads[-1].is_alive():
+        threads[-1].join(0.2)
+        if status_every and time.monotonic() >= next_status:  # a heartbeat in long runs
+            next_status += status_every
+            s = stats.summary()
+            log.info("status: %d frames, %.1f FPS, e2e p99 %.0f ms, dropped %d, reconnects %d, "
+                     "corrupt %d", s["frames"], s["fps"], s["latency_ms"]["end_to_end"]["p99"],
+                     s["frames_dropped"], s["reconnects"], s["corrupt_frames"])
+        if _past(deadline) and not stop_event.is_set():
+            runner.stopped_by = "duration"
+            stop_event.set()
+
+
+def _why_stopped(runner: _Runner, max_frames: int | None) -> str:
+    """The summary's `stopped_by`: a source failure is not an "end of source"."""
+    if runner.stopped_by != "end of source":
+        return runner.stopped_by  # duration, all sinks failed
+    if runner.stop_event.is_set():
+        return "stop requested"
+    if runner.source.error:
+        return runner.source.stop_reason or "source failed"
+    if max_frames is not None and runner.stats.counters["frames"] >= max_frames:
+        return "max frames"
+    return "end of source"

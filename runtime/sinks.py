@@ -12,8 +12,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import re
 import shutil
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +89,13 @@ def _cannot_open(kind: str, path: Path, exc: OSError) -> ArtifactError:
 
 
 class JsonlSink(Sink):
-    """One JSON line per frame, appended (a restarted service keeps its history), flushed per line."""
+    """One JSON line per frame, appended (a restarted service keeps its history).
+
+    Every line is whole: each record goes to the kernel in one unbuffered write, and a write
+    that fails part-way (disk full) is cut back off, so no later line is glued onto a fragment.
+    A fragment left by an older version or a crash (no final newline) is cut off, and logged,
+    when the file is opened.
+    """
 
     kind = "jsonl"
 
@@ -96,20 +104,69 @@ class JsonlSink(Sink):
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "a", encoding="utf-8")
+            self._f = open(self.path, "ab", buffering=0)  # unbuffered: one write() per line
         except OSError as exc:
             raise _cannot_open(self.kind, self.path, exc) from None
+        self._regular = stat.S_ISREG(os.fstat(self._f.fileno()).st_mode)  # not /dev/full, a pipe
+        if self._regular:
+            try:
+                self._cut_partial_line()
+            except OSError as exc:
+                self._f.close()
+                raise _cannot_open(self.kind, self.path, exc) from None
+
+    def _cut_partial_line(self) -> None:
+        """Truncate a last line that has no newline: the next record would be glued onto it."""
+        end = os.fstat(self._f.fileno()).st_size
+        keep = _end_of_last_line(self.path, end)
+        if keep == end:
+            return
+        os.ftruncate(self._f.fileno(), keep)
+        log.warning("%s: cut a partial last line (%d bytes, from an interrupted write) before "
+                    "appending", self.path, end - keep)
 
     def write(self, result: Result) -> None:
-        self._f.write(json.dumps(result.record(), separators=(",", ":")) + "\n")
-        self._f.flush()
+        data = (json.dumps(result.record(), separators=(",", ":")) + "\n").encode()
+        start = os.fstat(self._f.fileno()).st_size if self._regular else 0
+        try:
+            done = 0
+            while done < len(data):  # a short write (disk nearly full) is followed by an error
+                done += self._f.write(data[done:])
+        except OSError:
+            if self._regular:
+                self._truncate_quietly(start)
+            raise
         self._check_space(self.path)
+
+    def _truncate_quietly(self, size: int) -> None:
+        """Drop the part of a record that did fit; the write's own error is what gets reported."""
+        try:
+            os.ftruncate(self._f.fileno(), size)
+        except OSError as exc:
+            log.error("%s: cannot remove a partly written line (%s)", self.path, exc.strerror)
 
     def close(self) -> None:
         try:
             self._f.close()
-        except OSError as exc:  # a final flush can still hit a full disk
+        except OSError as exc:
             log.error("%s: closing failed (%s)", self.path, exc)
+
+
+def _end_of_last_line(path: Path, size: int, block: int = 1 << 16) -> int:
+    """The length of `path` up to and including its last newline (0 if it has none)."""
+    with open(path, "rb") as f:
+        pos = size
+        while pos > 0:
+            start = max(pos - block, 0)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            if pos == size and chunk.endswith(b"\n"):
+                return size
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                return start + nl + 1
+            pos = start
+    return 0
 
 
 def color_for(cid: int) -> tuple[int, int, int]:

@@ -8,7 +8,8 @@ fails (read error, stream end) is reopened with exponential backoff, forever unl
 `max_reconnects` bounds the consecutive failed attempts. Files and folders are read in order
 through a bounded queue, no frame skipped; their end is the normal end of the run.
 Corrupt frames (undecodable images or video packets, empty or wrongly shaped frames) are
-counted, logged and skipped.
+counted, logged and skipped; a damaged stretch inside a video file is stepped over (see
+`VideoReader`), so only the real end of the file ends the run.
 """
 
 from __future__ import annotations
@@ -131,11 +132,120 @@ def open_capture(spec: SourceSpec, timeout_ms: int = OPEN_TIMEOUT_MS) -> cv2.Vid
     return cv2.VideoCapture(spec.text)
 
 
+class VideoReader:
+    """Reads a video file in order, stepping over damaged stretches instead of ending there.
+
+    OpenCV's read() fails for each packet of a damaged stretch and then decodes again from the
+    next intact frame, so a failure is first retried (`READ_RETRIES` reads). If that does not
+    get past the damage (a demuxer that lost its place), the file is reopened and sought further
+    on, twice as far each time (`SEEK_TRIES` attempts). OpenCV's frame position counts decoded
+    frames only, so the frames lost are counted from the timestamps: over the few reads after a
+    failure (the decoder still hands out frames it held before the gap), a jump of more than
+    one frame interval is a gap. The interval is the one seen between intact frames, because
+    the header's frame rate and frame count can be wrong (an MPEG-4 AVI may claim twice its
+    frames). The end is the header's frame count or duration when reached, else a failure that
+    neither reading on nor seeking gets past. Frames a demuxer skips silently (no failed read)
+    are not counted.
+    """
+
+    READ_RETRIES = 64  # failed reads in a row before seeking (about one per damaged packet)
+    SEEK_TRIES = 8  # reopen + seek attempts: 1, 2, 4, ... 128 frames past the last good one
+    SUSPECT_READS = 16  # reads after a failure in which a timestamp jump means lost frames
+
+    def __init__(self, path: str):
+        self.path = path
+        self.cap = cv2.VideoCapture(path)
+        self.opened = self.cap.isOpened()
+        self.total = max(int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0) if self.opened else 0
+        fps = self.cap.get(cv2.CAP_PROP_FPS) if self.opened else 0.0
+        self.step_ms = 1000.0 / fps if fps and fps > 0 else None  # refined from the frames read
+        self.duration_ms = self.total * self.step_ms if self.total and self.step_ms else None
+        self.index = -1  # position of the last frame returned
+        self.last_ms: float | None = None
+        self.suspect = 0  # reads left in which a timestamp jump counts as lost frames
+
+    def read(self) -> tuple[np.ndarray, int] | None:
+        """(the next decodable frame, frames lost just before it), or None at the end."""
+        ok, img = self.cap.read()
+        if ok:
+            return img, self._landed(0)
+        if self.at_end():
+            return None
+        for failed in range(1, self.READ_RETRIES + 1):
+            ok, img = self.cap.read()
+            if ok:
+                return img, self._landed(failed)
+        return self._seek_past()
+
+    def at_end(self) -> bool:
+        """Whether the last frame read is the file's last by its header: by frame count, or by
+        time (count / rate), which still holds when frames were skipped or the rate is off."""
+        if not self.total:
+            return False
+        if self.index + 1 >= self.total:
+            return True
+        return (self.duration_ms is not None and self.last_ms is not None
+                and self.last_ms + 1.5 * self.step_ms > self.duration_ms)
+
+    def _seek_past(self) -> tuple[np.ndarray, int] | None:
+        first = self.index + 1  # the first frame not read
+        for attempt in range(self.SEEK_TRIES):
+            skip = 2 ** attempt
+            if self.total and first + skip >= self.total:
+                break
+            self.cap.release()  # a fresh demuxer: the old one may be stuck in the damage
+            self.cap = cv2.VideoCapture(self.path)
+            self._seek(first + skip)
+            ok, img = self.cap.read()
+            # Never step back: a wrong header can map a frame number to an earlier time.
+            if ok and (self.last_ms is None or self.cap.get(cv2.CAP_PROP_POS_MSEC) > self.last_ms):
+                return img, self._landed(skip)
+        return None
+
+    def _seek(self, frame: int) -> None:
+        """Seek to `frame`: by time from the last frame read when possible, because the
+        header's frame rate, which OpenCV turns frame numbers into times with, can be wrong."""
+        if self.last_ms is None or not self.step_ms:
+            self.cap.set(cv2.CAP_PROP_POS_FRAMES, frame)
+        else:
+            self.cap.set(cv2.CAP_PROP_POS_MSEC, self.last_ms + (frame - self.index) * self.step_ms)
+
+    def _landed(self, failed: int) -> int:
+        """Book the frame just read after `failed` failures (reads, or frames sought past);
+        returns the frames lost just before it."""
+        ms = self.cap.get(cv2.CAP_PROP_POS_MSEC)
+        if failed:
+            self.suspect = self.SUSPECT_READS
+        lost = 0
+        if self.suspect:
+            self.suspect -= 1
+            lost = self._gap(ms, failed)
+        elif self.last_ms is not None and ms > self.last_ms:
+            self.step_ms = ms - self.last_ms  # intact frames: the real frame interval
+        self.index += 1 + lost
+        self.last_ms = ms
+        return lost
+
+    def _gap(self, ms: float, fallback: int) -> int:
+        """Frames missing between the last frame read and one at `ms` (timestamps when usable)."""
+        if not self.step_ms:
+            return fallback
+        prev = self.last_ms if self.last_ms is not None else -self.step_ms
+        if ms <= prev:
+            return fallback  # no usable timestamps
+        return max(int(round((ms - prev) / self.step_ms)) - 1, 0)
+
+    def release(self) -> None:
+        self.cap.release()
+
+
 class Source:
     """A capture thread over one source. `get()` returns Frames, then None at the end.
 
-    After the end, `error` holds a message if the source failed (never opened, reconnects
-    exhausted) rather than ending normally.
+    `opened` is set once the source has opened (files at once). `down_reason` says why a live
+    source is down while it is being reopened (None while it delivers). After the end, `error`
+    holds a message if the source failed (never opened, reconnects exhausted) rather than ending
+    normally, and `stop_reason` the short form for the run summary.
     """
 
     def __init__(self, spec: SourceSpec | str, stats: Stats | None = None,
@@ -151,6 +261,9 @@ class Source:
         self.timeout_ms = timeout_ms
         self.source_id = source_id or self.spec.text
         self.error: str | None = None
+        self.stop_reason: str | None = None
+        self.down_reason: str | None = None
+        self.opened = threading.Event()
         self._stop = threading.Event()
         self._done = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -175,6 +288,11 @@ class Source:
     def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    @property
+    def ended(self) -> bool:
+        """The capture thread has finished (end of the source, a failure or a stop)."""
+        return self._done.is_set()
 
     # consumer side
     def get(self, timeout: float = 0.5) -> Frame | None | bool:
@@ -215,6 +333,11 @@ class Source:
         self.stats.add("corrupt_frames")
         log.warning("source %s: corrupt frame skipped (%s)", self.source_id, what)
 
+    def _fail(self, reason: str, error: str) -> None:
+        """End the source as failed: `reason` for the summary, `error` for the log and exit."""
+        self.stop_reason, self.error = reason, error
+        log.error("%s", error)
+
     def _run(self) -> None:
         try:
             if self.spec.kind == "images":
@@ -224,6 +347,7 @@ class Source:
             else:
                 self._run_video()
         except Exception as exc:  # a capture thread must report, never die silently
+            self.stop_reason = "source failed: capture error"
             self.error = f"source {self.source_id}: capture failed: {exc!r}"
             log.exception("source %s: capture thread failed", self.source_id)
         finally:
@@ -232,6 +356,7 @@ class Source:
                 self._cond.notify_all()
 
     def _run_images(self) -> None:
+        self.opened.set()  # parse_source found the files; each is checked as it is read
         for path in self.spec.paths:
             if self._stop.is_set():
                 return
@@ -245,38 +370,40 @@ class Source:
             self._publish(img, path.name)
 
     def _run_video(self) -> None:
-        cap = open_capture(self.spec)
-        if not cap.isOpened():
-            self.error = f"{self.spec.text}: cannot open video file (corrupt or unsupported codec)"
+        reader = VideoReader(self.spec.text)
+        if not reader.opened:
+            self._fail("source failed: cannot open the video file",
+                       f"{self.spec.text}: cannot open video file (corrupt or unsupported codec)")
             return
-        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        fail_pos, fails_here = -1, 0
+        self.opened.set()
         try:
             while not self._stop.is_set():
                 t0 = time.monotonic()
-                ok, img = cap.read()
+                got = reader.read()
                 self.stats.observe("capture", time.monotonic() - t0)
-                if ok:
-                    fails_here = 0
-                    img = check_frame(img)
-                    if img is None:
-                        self._index += 1
-                        self._corrupt(f"{self.spec.text}: frame {self._index - 1} has a bad shape")
-                        continue
-                    self._publish(img)
-                    continue
-                # A failed read before the last frame is a damaged packet: skip it and go on.
-                # The decoder position stops advancing at the real end (or past unreadable data).
-                pos = int(cap.get(cv2.CAP_PROP_POS_FRAMES) or 0)
-                if pos >= total or (pos == fail_pos and fails_here >= 2):
-                    return
-                if pos != fail_pos:
-                    fail_pos, fails_here = pos, 0
-                    self._index += 1
-                    self._corrupt(f"{self.spec.text}: undecodable frame near position {pos}")
-                fails_here += 1
+                if got is None:
+                    break
+                self._video_frame(reader, *got)
         finally:
-            cap.release()
+            reader.release()
+        if not self._stop.is_set() and reader.total and not reader.at_end():
+            log.warning("source %s: no decodable frame after frame %d, though the header says "
+                        "%d frames: ending (damaged or truncated end of the file?)",
+                        self.source_id, reader.index, reader.total)
+
+    def _video_frame(self, reader: VideoReader, img: np.ndarray, lost: int) -> None:
+        if lost:  # the gap shows in the frame numbers too
+            self.stats.add("corrupt_frames", lost)
+            log.warning("source %s: frames %d-%d undecodable (damaged data): %d frame%s lost, "
+                        "reading on", self.source_id, reader.index - lost, reader.index - 1, lost,
+                        "s" * (lost != 1))
+        self._index = reader.index
+        img = check_frame(img)
+        if img is None:
+            self._index += 1
+            self._corrupt(f"{self.spec.text}: frame {reader.index} has a bad shape")
+            return
+        self._publish(img)
 
     def _wait(self, seconds: float) -> bool:
         """Sleep unless stopped; True if stopped."""
@@ -290,11 +417,10 @@ class Source:
                 cap.release()
                 failed_opens += 1
                 if self.max_reconnects is not None and failed_opens > self.max_reconnects:
-                    self.error = (f"source {self.source_id}: could not open after {failed_opens} "
-                                  f"attempt{'s' * (failed_opens != 1)} (--max-reconnects "
-                                  f"{self.max_reconnects})")
-                    log.error("%s", self.error)
+                    self._give_up(failed_opens, opened_before)
                     return
+                self.down_reason = (f"source {self.source_id} down: reconnecting ({failed_opens} "
+                                    f"failed attempt{'s' * (failed_opens != 1)})")
                 log.warning("source %s: cannot open (attempt %d); retrying in %.1f s",
                             self.source_id, failed_opens, delay)
                 if self._wait(delay):
@@ -308,14 +434,27 @@ class Source:
             else:
                 log.info("source %s: opened (%s)", self.source_id, self.spec.kind)
             opened_before, failed_opens, delay = True, 0, self.backoff[0]
+            self.down_reason = None
+            self.opened.set()
             self._read_live(cap)
             cap.release()
             if self._stop.is_set():
                 return
             self.stats.add("source_drops")
+            self.down_reason = f"source {self.source_id} down: stream dropped, reconnecting"
             log.warning("source %s: stream dropped; reopening in %.1f s", self.source_id, delay)
             if self._wait(delay):
                 return
+
+    def _give_up(self, attempts: int, opened_before: bool) -> None:
+        """--max-reconnects is spent: say whether the source was lost or never there."""
+        s, bound = "s" * (attempts != 1), f"(--max-reconnects {self.max_reconnects})"
+        if opened_before:
+            self._fail(f"source lost: {attempts} reconnect attempt{s} failed {bound}",
+                       f"source {self.source_id}: lost; {attempts} reconnect attempt{s} failed {bound}")
+        else:
+            self._fail(f"source never opened: {attempts} attempt{s} failed {bound}",
+                       f"source {self.source_id}: could not open after {attempts} attempt{s} {bound}")
 
     def _read_live(self, cap: cv2.VideoCapture) -> None:
         bad_in_a_row = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from d3n.errors import ArtifactError, ConfigError
-from d3n.runtime.backends import Backend, check_input_shape
+from d3n.runtime.backends import Backend, check_input_shape, check_output_shape
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,11 @@ class TensorRTBackend(Backend):
             self._setup_tensor_api()
         else:
             self._setup_bindings_api()
+        try:
+            check_output_shape(model_path, sidecar, self._outputs[0][0].shape)
+        except ArtifactError:
+            self.close()  # nobody else holds this half-built backend to free its device memory
+            raise
         log.info("tensorrt %s: loaded %s, input %s", trt.__version__, model_path.name, self.input_shape)
 
     # TensorRT >= 8.5 / 10: tensors by name.

@@ -70,3 +70,17 @@ def test_int8_runs_on_ort_cpu_close_to_fp32(int8_export):
         assert a.shape == b.shape and np.isfinite(b).all()
         # boxes within a few pixels on a 128 px input: quantization noise, not a broken graph
         assert np.median(np.abs(a[0, :4] - b[0, :4])) < 4.0
+
+
+def test_int8_out_file_is_the_int8_model(tiny_ckpt, synth_small, tmp_path):
+    """`--out X.onnx` names the file the format produces, here the INT8 model, as the pipeline's
+    export stage relies on (`--out student-int8.onnx`); the FP32 model goes beside it as
+    X.fp32.onnx (docs/deploy.md)."""
+    out = tmp_path / "student-int8.onnx"
+    res = export_model(ExportOptions(model=tiny_ckpt, format="onnx-int8", imgsz=(128, 128), calib=synth_small,
+                                     calib_images=2, parity=False, evaluate=False, out=out))
+    assert res.model == out and res.sidecar == tmp_path / "student-int8.json"
+    assert sidecar.load(out).precision == "int8"
+    assert sidecar.load(tmp_path / "student-int8.fp32.onnx").precision == "fp32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "student-int8.fp32.json", "student-int8.fp32.onnx", "student-int8.json", "student-int8.onnx"]

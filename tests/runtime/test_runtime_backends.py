@@ -147,3 +147,31 @@ def test_native_tensorrt_matches_onnxruntime(tiny_onnx, tmp_path):
     blob = np.random.default_rng(0).uniform(0, 1, ref.input_shape).astype(np.float32)
     np.testing.assert_allclose(native.infer(blob), ref.infer(blob), atol=2e-2, rtol=1e-2)
     native.close()
+
+
+def _rewrite_sidecar(model, **changes) -> None:
+    """Edit the sidecar only: the model's sha256 still matches, as after a careless hand edit."""
+    path = model.with_suffix(".json")
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if key == "output_kind":
+            data["output"]["kind"] = value
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def test_sidecar_with_fewer_class_names_than_the_model_refused(model_copy, video_avi, tmp_path, capsys):
+    _rewrite_sidecar(model_copy, names=["crack", "scratch"])  # the model scores 3 classes
+    with pytest.raises(ArtifactError, match=r"tiny.onnx: the model outputs 3 classes .* tiny.json lists 2"):
+        open_backend(model_copy)
+    out = tmp_path / "det.jsonl"
+    rc, err = _run_cli(model_copy, video_avi, capsys, "--sink", f"jsonl:{out}")
+    assert rc == 1 and "outputs 3 classes" in err and "lists 2" in err
+    assert not out.exists()  # refused before any output was created
+
+
+def test_sidecar_claiming_in_graph_nms_on_a_raw_model_refused(model_copy):
+    _rewrite_sidecar(model_copy, output_kind="nms")  # (1, 7, 336) is no (1, max_det, 6) table
+    with pytest.raises(ArtifactError, match=r"tiny.onnx: output shape \(1, 7, 336\) .*\(1, max_det, 6\)"):
+        open_backend(model_copy)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import cv2
@@ -162,6 +166,13 @@ def test_missing_and_never_opening_sources(tiny_onnx, tmp_path, capsys):
     assert rc == 1 and "could not open after 2 attempts" in err and url in err
 
 
+def test_source_that_never_opens_says_why_the_run_stopped(tiny_onnx):
+    url = f"rtsp://127.0.0.1:{free_port()}/live"  # nothing listens there
+    stats = run_pipeline(tiny_onnx, url, max_reconnects=1, backoff=(0.05, 0.1), warmup=0)
+    assert stats["stopped_by"] == "source never opened: 2 attempts failed (--max-reconnects 1)"
+    assert stats["frames"] == 0 and "could not open after 2 attempts" in stats["source_error"]
+
+
 def parse_prometheus(text: str) -> dict[str, float]:
     """Minimal Prometheus text-format parser: {'name{labels}': value}; checks line syntax."""
     samples, types = {}, {}
@@ -230,3 +241,183 @@ def test_metrics_port_in_use_is_a_clear_error(tiny_onnx, image_dir, tmp_path, ca
         rc, err = run(capsys, "--model", tiny_onnx, "--source", image_dir, "--metrics-port", port,
                       "--sink", f"jsonl:{tmp_path}/x.jsonl")
     assert rc == 1 and f"--metrics-port {port}: cannot listen on 127.0.0.1:{port}" in err
+    assert not (tmp_path / "x.jsonl").exists()  # the port is bound before any output is created
+
+
+def test_unreadable_sources_leave_no_output_behind(tiny_onnx, tmp_path, capsys):
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"not a video at all" * 100)
+    rc, err = run(capsys, "--model", tiny_onnx, "--source", fake, "--sink", f"jsonl:{tmp_path}/a.jsonl",
+                  "--sink", f"video:{tmp_path}/a.mp4", "--sink", f"crops:{tmp_path}/crops")
+    assert rc == 1 and "fake.mp4: cannot open video file" in err
+    url = f"rtsp://127.0.0.1:{free_port()}/live"  # nothing listens there
+    rc, err = run(capsys, "--model", tiny_onnx, "--source", url, "--max-reconnects", 0,
+                  "--sink", f"jsonl:{tmp_path}/b.jsonl")
+    assert rc == 1 and "could not open" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.mp4"]  # no file, no folder
+
+
+# A video with a damaged stretch in its middle ----------------------------------------------
+
+N_DAMAGED_CLIP = 120
+
+
+def damaged_h264(tmp_path) -> tuple:
+    """An H.264 MP4 (keyframe every 10 frames) with 1/30 of its bytes overwritten at 30 % of
+    the file; returns (path, frames ffprobe can decode or None). OpenCV's read() fails for
+    several frames in a row there, then decodes again from the next keyframe."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg not on PATH")
+    clip = write_video(tmp_path / "src.avi", n=N_DAMAGED_CLIP)
+    mp4 = tmp_path / "clip.mp4"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(clip), "-c:v",
+                    "libx264", "-g", "10", "-threads", "1", "-pix_fmt", "yuv420p", str(mp4)], check=True)
+    data = bytearray(mp4.read_bytes())
+    at, n = int(len(data) * 0.3), len(data) // 30
+    data[at:at + n] = bytes((i * 37 + 11) % 256 for i in range(n))
+    mp4.write_bytes(bytes(data))
+    if shutil.which("ffprobe") is None:
+        return mp4, None
+    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0",
+                            "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(mp4)],
+                           capture_output=True, text=True)
+    return mp4, int(probe.stdout.split()[0])
+
+
+def check_damaged_run(tmp_path, rc, err, decodable, min_share: float = 0.9) -> dict:
+    assert rc == 0, err
+    s = json.loads((tmp_path / "s.json").read_text())
+    rows = read_jsonl(tmp_path / "d.jsonl")
+    frames = [r["frame"] for r in rows]
+    assert s["stopped_by"] == "end of source" and s["frames"] == len(rows)
+    assert s["frames"] >= min_share * N_DAMAGED_CLIP and frames[-1] == N_DAMAGED_CLIP - 1  # read to the end
+    if decodable is not None:
+        assert decodable < N_DAMAGED_CLIP and s["frames"] >= decodable - 1  # as much as ffmpeg gets
+    # The loss is counted and shows as a gap in the frame numbers.
+    gaps = sum(b - a - 1 for a, b in zip(frames, frames[1:], strict=False))
+    assert s["corrupt_frames"] >= 2 and gaps == s["corrupt_frames"]
+    assert s["frames"] + s["corrupt_frames"] == N_DAMAGED_CLIP
+    return s
+
+
+def test_damaged_stretch_in_a_video_is_skipped_not_taken_for_its_end(tiny_onnx, tmp_path, capsys, caplog):
+    mp4, decodable = damaged_h264(tmp_path)
+    with caplog.at_level("WARNING", logger="d3n.runtime.sources"):
+        rc, err = run(capsys, "--model", tiny_onnx, "--source", mp4, "--sink", f"jsonl:{tmp_path}/d.jsonl",
+                      "--summary", tmp_path / "s.json")
+    s = check_damaged_run(tmp_path, rc, err, decodable)
+    lost = [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
+    assert lost and str(mp4) in lost[0] and f"{s['corrupt_frames']} frame" in " ".join(lost)
+
+
+def test_damaged_video_reopened_and_sought_past_the_damage(tiny_onnx, tmp_path, capsys, monkeypatch):
+    """When reading on does not get past the damage, the file is reopened and sought beyond it."""
+    from d3n.runtime import sources
+
+    monkeypatch.setattr(sources.VideoReader, "READ_RETRIES", 0)  # seek at the first failure
+    mp4, _ = damaged_h264(tmp_path)
+    rc, err = run(capsys, "--model", tiny_onnx, "--source", mp4, "--sink", f"jsonl:{tmp_path}/d.jsonl",
+                  "--summary", tmp_path / "s.json")
+    check_damaged_run(tmp_path, rc, err, None, min_share=0.5)  # a seek lands past a keyframe
+
+
+# JSONL: whole lines only -------------------------------------------------------------------
+
+def test_jsonl_partial_last_line_is_cut_before_appending(tiny_onnx, video_avi, tmp_path, caplog):
+    out = tmp_path / "det.jsonl"
+    good = '{"source":"cam","frame":1,"detections":[]}\n'
+    out.write_text(good * 2 + '{"source":"cam","frame":2,"detec')  # the disk filled mid-line
+    with caplog.at_level("WARNING", logger="d3n.runtime.sinks"):
+        stats = run_pipeline(tiny_onnx, str(video_avi), sinks=[f"jsonl:{out}"], max_frames=3, warmup=0)
+    rows = read_jsonl(out)  # every line parses
+    assert stats["frames"] == 3 and len(rows) == 5 and rows[:2] == [json.loads(good)] * 2
+    assert [r["frame"] for r in rows[2:]] == [0, 1, 2] and out.read_text().endswith("\n")
+    assert any("partial last line" in r.getMessage() and str(out) in r.getMessage() for r in caplog.records)
+
+
+JSONL_AT_FILE_SIZE_LIMIT = """
+import json, resource, signal, sys
+import numpy as np
+from d3n.runtime.postprocess import Detections
+from d3n.runtime.sinks import JsonlSink, Result
+from d3n.runtime.sources import Frame
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed: a full disk
+path = sys.argv[1]
+
+def result(index, n_det):
+    det = Detections(np.tile(np.float32([1, 2, 30, 40]), (n_det, 1)), np.full(n_det, 0.5, np.float32),
+                     np.zeros(n_det, np.int64))
+    frame = Frame(np.zeros((8, 8, 3), np.uint8), index, 0.0, 0.0, "cam")
+    return Result(frame, det, ["crack"], 0.0, 0.01)
+
+sink = JsonlSink(path)
+sink.write(result(0, 1))
+size = len(open(path, "rb").read())
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 300, resource.RLIM_INFINITY))
+try:
+    sink.write(result(1, 50))  # about 3 kB: only its first 300 bytes fit
+except OSError as exc:
+    print("write failed:", exc.strerror)
+sink.close()
+"""
+
+
+def test_jsonl_record_that_does_not_fit_leaves_no_fragment(tmp_path):
+    """A line that hits a full file system (here RLIMIT_FSIZE: the kernel writes what fits, then
+    refuses) must not stay half-written: the file holds whole lines only."""
+    out = tmp_path / "det.jsonl"
+    proc = subprocess.run([sys.executable, "-c", JSONL_AT_FILE_SIZE_LIMIT, str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "write failed: File too large" in proc.stdout, proc.stderr
+    text = out.read_text()
+    assert text.endswith("\n") and [json.loads(line)["frame"] for line in text.splitlines()] == [0]
+
+
+# /health tells a stalled source apart from a running one -------------------------------------
+
+def get_health(port: int) -> tuple[int, dict]:
+    try:
+        resp = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+        return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_health_is_503_when_the_last_frame_is_stale():
+    from d3n.runtime.http import MetricsServer
+    from d3n.runtime.stats import Stats
+
+    stats = Stats()
+    stats.frame_done(0)
+    server = MetricsServer(stats, port=0, stale_after=3.0).start()
+    try:
+        code, body = get_health(server.port)
+        assert code == 200 and body["status"] == "running"
+        stats.last_result = time.monotonic() - 10  # no frame for 10 s
+        code, body = get_health(server.port)
+        assert code == 503 and body["status"] == "degraded"
+        assert "no frame for 10" in body["reason"] and body["last_frame_age_s"] >= 10
+    finally:
+        server.stop()
+
+
+def test_health_is_503_while_the_source_is_down(tiny_onnx, tmp_path):
+    port, stop = free_port(), threading.Event()
+    url = f"rtsp://127.0.0.1:{free_port()}/live"  # down: refused, retried forever
+    t = threading.Thread(target=lambda: run_pipeline(tiny_onnx, url, metrics_port=port, stop_event=stop,
+                                                     backoff=(0.1, 0.2), warmup=0), daemon=True)
+    t.start()
+    try:
+        deadline, code, body = time.monotonic() + 20, None, {}
+        while time.monotonic() < deadline and body.get("status") != "degraded":
+            try:
+                code, body = get_health(port)
+            except OSError:  # not listening yet
+                time.sleep(0.1)
+        assert code == 503 and body["status"] == "degraded", body
+        assert "reconnecting" in body["reason"] and url in body["reason"]
+    finally:
+        stop.set()
+        t.join(20)
+    assert not t.is_alive()

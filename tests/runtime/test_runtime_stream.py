@@ -254,3 +254,26 @@ def test_http_stream_reconnects_after_each_server_restart(live_setup, tmp_path):
 @pytest.mark.timeout(90)
 def test_rtsp_stream_reconnects_after_each_server_restart(live_setup, tmp_path):
     exercise_restarts(RtspRelay(live_setup, free_port(), tmp_path), tmp_path)
+
+
+@pytest.mark.timeout(90)
+def test_stream_lost_for_good_says_why_the_run_stopped(live_setup, tmp_path):
+    server = HttpServer(live_setup, free_port())
+    stats = Stats()
+    src = Source(server.url, stats, max_reconnects=5, backoff=(0.2, 0.5), timeout_ms=3000)
+    result: dict = {}
+    server.start()
+    runner = threading.Thread(target=lambda: result.update(run_pipeline(
+        Path(tmp_path / "m" / "tiny.onnx"), src, sinks=[f"jsonl:{tmp_path}/live.jsonl"], stats=stats)),
+        daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: stats.counters["frames"] >= 5, 20, "first frames")
+        server.stop()  # and it never comes back
+        runner.join(30)
+    finally:
+        server.stop()
+    assert not runner.is_alive()
+    assert result["stopped_by"] == "source lost: 6 reconnect attempts failed (--max-reconnects 5)"
+    assert "6 reconnect attempts failed" in result["source_error"] and server.url in result["source_error"]
+    assert result["source_drops"] == 1 and result["frames"] >= 5
