@@ -1,4 +1,7 @@
-"""`d3n export` and `d3n bench`. Only argparse here; the handlers import the heavy stack lazily."""
+"""`d3n export`, `d3n bench` and `d3n promote`.
+
+Only argparse here; the handlers import the heavy stack lazily.
+"""
 
 from __future__ import annotations
 
@@ -51,6 +54,36 @@ def register(sub) -> None:
     b.add_argument("--out", type=Path, help="folder for the exported models (default: a temp folder)")
     b.set_defaults(func=_cmd_bench)
 
+    pr = sub.add_parser("promote", help="gate a retrained model against the deployed one on a test split",
+                        description="Score CANDIDATE and DEPLOYED (exported .onnx with sidecars, or .pt "
+                                    "checkpoints, exported first with parity on) on the same split of DATA "
+                                    "through the runtime's pre/postprocessing; write a release folder only "
+                                    "if no gated metric and no class's AP50 drops by more than its "
+                                    "tolerance.",
+                        epilog="exit status: 0 promoted (release folder written); 3 refused (no release; "
+                               "the report goes beside where it would be, <release>.refused.md/.json); "
+                               "1 error (missing file, mismatched sidecars, no test split); 2 bad usage.")
+    pr.add_argument("candidate", type=Path,
+                    help="the new model: exported .onnx (sidecar beside it) or checkpoint .pt")
+    pr.add_argument("--against", type=Path, required=True, metavar="DEPLOYED",
+                    help="the model on the line: .onnx, .pt, or a release folder of a previous promote")
+    pr.add_argument("--data", type=Path, required=True, help="dataset folder (data.yaml)")
+    pr.add_argument("--split", choices=["test", "val"], default=None,
+                    help="split to score on (default test, which must exist; val only when asked: it "
+                         "chose the checkpoints)")
+    pr.add_argument("--release", type=Path, metavar="DIR",
+                    help="release folder written if promoted (default releases/<candidate sha256[:12]>)")
+    pr.add_argument("--tolerance", default=None, metavar="METRIC=T,...",
+                    help="allowed drop per metric, fractions (default mAP50=0.005,mAP50-95=0.005,"
+                         "recall@0.25=0.01); also precision, recall, miss_rate, overkill_rate; "
+                         "T=off drops a gate")
+    pr.add_argument("--class-tolerance", type=float, default=None, metavar="T",
+                    help="allowed AP50 drop of any one class (default 0.05)")
+    pr.add_argument("--imgsz", type=_imgsz, default=None, metavar="N",
+                    help="input size for exporting .pt models (default: their training size, else the other "
+                         "model's, else 640); exported models are scored at their sidecar's size")
+    pr.set_defaults(func=_cmd_promote)
+
 
 def _cmd_export(args) -> int:
     from d3n.export.exporter import ExportOptions, export_model
@@ -72,3 +105,19 @@ def _cmd_bench(args) -> int:
     run_bench(BenchOptions(model=args.model, source=args.source, imgsz=args.imgsz, json=args.json,
                            frames=args.frames, iters=args.iters, calib=args.calib, out=args.out))
     return 0
+
+
+def _cmd_promote(args) -> int:
+    from d3n.export.promote import REFUSED, PromoteOptions, parse_tolerance, promote
+
+    opts = PromoteOptions(candidate=args.candidate, deployed=args.against, data=args.data, split=args.split,
+                          release=args.release, tolerance=parse_tolerance(args.tolerance), imgsz=args.imgsz)
+    if args.class_tolerance is not None:
+        opts.class_tolerance = args.class_tolerance
+    res = promote(opts)
+    print(res.markdown)
+    if res.promoted:
+        print(f"promoted: release {res.release}")
+        return 0
+    print(f"refused ({', '.join(res.report['failed'])}); report {res.report_files[0]}, no release written")
+    return REFUSED
