@@ -12,6 +12,7 @@ Public API (used by `d3n run` and `d3n bench`; keep it stable):
 `.onnx` files run on ONNX Runtime (TensorRT EP > CUDA EP > CPU EP, the best available unless
 `device` says otherwise); `.engine`/`.plan` files are plain TensorRT engines run natively.
 Every model must have its sidecar beside it (`model.onnx` -> `model.json`), and it must match.
+A release folder holding exactly one model (and its sidecar) stands for that model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+MODEL_SUFFIXES = (".onnx", *ENGINE_SUFFIXES)
 
 
 class Backend:
@@ -114,8 +116,29 @@ def check_output_shape(model_path: Path, sc: sidecar_mod.Sidecar, shape) -> None
                             "the sidecar does not match this model (re-export it)")
 
 
+def model_files(folder: Path) -> list[Path]:
+    """The model files in a release folder, by name. Names starting with '.' are skipped: they
+    are a copy in progress (rsync, or a promotion that writes then renames) or a cache."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.suffix.lower() in MODEL_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def resolve_model(path: str | Path) -> Path:
+    """`path` itself, or for a release folder the one model file in it."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = model_files(path)
+    if len(found) != 1:
+        listed = ", ".join(p.name for p in found) or "none"
+        raise ArtifactError(f"{path}: a release folder must hold exactly one model "
+                            f"({', '.join(MODEL_SUFFIXES)}) with its sidecar; found {listed}")
+    return found[0]
+
+
 def open_backend(model_path: str | Path, device: str = "auto", **options) -> Backend:
-    """Load `model_path` with its checked sidecar on the best backend for `device`.
+    """Load `model_path` (a model file, or a release folder holding one) with its checked
+    sidecar on the best backend for `device`.
 
     device: "auto" (best available), "cpu", "cuda" or "tensorrt". ONNX files go to ONNX Runtime;
     engine files to native TensorRT (GPU only). Options are passed to the backend (ONNX Runtime:
@@ -124,7 +147,7 @@ def open_backend(model_path: str | Path, device: str = "auto", **options) -> Bac
     """
     if device not in DEVICES:
         raise ConfigError(f"--device: '{device}' is not one of {', '.join(DEVICES)}")
-    model_path = Path(model_path)
+    model_path = resolve_model(model_path)
     sc = sidecar_mod.load(model_path)  # missing model / sidecar / hash mismatch -> ArtifactError
     if model_path.suffix.lower() in ENGINE_SUFFIXES:
         if device == "cpu" or device == "cuda":

@@ -14,6 +14,9 @@ sources: 0 (camera index), /dev/video0 (V4L2), a GStreamer pipeline (contains '!
   rtsp://... or http://... streams, a video file, an image folder or a glob ('imgs/*.jpg').
 sinks: jsonl:PATH, video:PATH.mp4, crops:DIR, mqtt://HOST:PORT/TOPIC (needs d3n[mqtt]).
 Live sources are reopened with backoff forever unless --max-reconnects is given.
+--watch polls --model (a model file or a release folder) and swaps in a new model between two
+frames once it has been copied completely, matches its sidecar, has the same class names and
+passes a warm-up inference; a bad one is refused and logged, and the running model carries on.
 Exit status: 0 on a normal end (file source finished, --max-frames/--duration reached, Ctrl-C or
 SIGTERM); 1 when the model/sidecar/source/sink is bad, the source could not be (re)opened within
 --max-reconnects, or a sink failed during the run.
@@ -40,7 +43,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="run an exported model on a camera/stream/video/images",
                               description=__doc__.splitlines()[0], epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model.onnx or model.engine (sidecar model.json beside it)")
+    p.add_argument("--model", required=True,
+                   help="model.onnx or model.engine (sidecar model.json beside it), or a release "
+                        "folder holding one model and its sidecar")
     p.add_argument("--source", required=True, help="camera index, /dev/videoN, GStreamer string, URL, video, folder or glob")
     p.add_argument("--sink", action="append", default=[], metavar="SPEC",
                    help="jsonl:PATH | video:PATH | crops:DIR | mqtt://HOST:PORT/TOPIC (repeatable)")
@@ -61,6 +66,10 @@ def register(subparsers) -> None:
     p.add_argument("--status-every", type=float, default=10.0, metavar="S",
                    help="log a progress/status line every S seconds (0: never; default 10)")
     p.add_argument("--summary", default=None, metavar="JSON", help="write the final run stats to this file")
+    p.add_argument("--watch", action="store_true",
+                   help="hot-swap the model when a new one (with its sidecar) appears at --model")
+    p.add_argument("--watch-interval", type=float, default=None, metavar="S",
+                   help="seconds between polls of --model with --watch (default 2)")
     p.set_defaults(func=_cmd_run)
 
 
@@ -71,8 +80,11 @@ def _cmd_run(args) -> int:
     import sys
     import threading
 
+    from d3n.errors import ConfigError
     from d3n.runtime.pipeline import run_pipeline
 
+    if args.watch_interval is not None and not args.watch:
+        raise ConfigError("--watch-interval needs --watch")
     log = logging.getLogger("d3n.run")
     stop = threading.Event()
 
@@ -91,7 +103,8 @@ def _cmd_run(args) -> int:
             device=args.device, max_fps=args.max_fps, max_frames=args.max_frames,
             duration=args.duration, max_reconnects=args.max_reconnects,
             metrics_port=args.metrics_port, metrics_host=args.metrics_host, stop_event=stop,
-            video_fps=args.video_fps, status_every=args.status_every)
+            video_fps=args.video_fps, status_every=args.status_every, watch=args.watch,
+            watch_interval=2.0 if args.watch_interval is None else args.watch_interval)
     finally:
         for sig, handler in previous.items():  # in-process callers get their handlers back
             signal.signal(sig, handler)

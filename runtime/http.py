@@ -33,6 +33,27 @@ def _num(v: float | None) -> str:
     return repr(float(v))
 
 
+def _label(value: str) -> str:
+    """A label value escaped as the exposition format wants (a file name may hold anything)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _model_lines(stats: Stats, extra: str) -> list[str]:
+    """The model now making results as an info gauge, and the hot swaps by result, so each
+    detection can be traced to the model that made it."""
+    sep = "," if extra else ""
+    lines = ["# HELP d3n_model_info The model making the results (sha256 from its sidecar)",
+             "# TYPE d3n_model_info gauge"]
+    model, swaps = stats.model_state()
+    if model:
+        lines.append(f'd3n_model_info{{{extra}{sep}sha256="{_label(model["sha256"])}",'
+                     f'file="{_label(model["file"])}"}} 1')
+    lines += ["# HELP d3n_model_swaps_total Hot model swaps (--watch), by result",
+              "# TYPE d3n_model_swaps_total counter"]
+    lines += [f'd3n_model_swaps_total{{{extra}{sep}result="{k}"}} {v}' for k, v in swaps.items()]
+    return lines
+
+
 def prometheus_text(stats: Stats, labels: dict[str, str] | None = None) -> str:
     """Stats in the Prometheus text exposition format (version 0.0.4)."""
     extra = ",".join(f'{k}="{v}"' for k, v in (labels or {}).items())
@@ -61,6 +82,7 @@ def prometheus_text(stats: Stats, labels: dict[str, str] | None = None) -> str:
                      f"{_num(stats.latency_sum[stage])}")
         lines.append(f'd3n_stage_latency_seconds_count{{{extra}{sep}stage="{stage}"}} '
                      f"{stats.latency_count[stage]}")
+    lines += _model_lines(stats, extra)
     return "\n".join(lines) + "\n"
 
 
@@ -73,13 +95,14 @@ def health(stats: Stats, state="running", stale_after: float = STALE_AFTER_S) ->
     seconds is reported degraded: the source stalled without dropping, or a stage hangs."""
     status, reason = state if isinstance(state, tuple) else (state, None)
     age = stats.last_frame_age()
+    model, swaps = stats.model_state()
     if status == "running" and age is not None and age > stale_after:
         status, reason = "degraded", f"no frame for {age:.1f} s (more than {stale_after:g} s)"
     return {"status": status, "reason": reason, "uptime_s": round(stats.uptime(), 3),
             "frames": stats.counters["frames"],
             "last_frame_age_s": None if age is None else round(age, 3),
             "stale_after_s": stale_after, "reconnects": stats.counters["reconnects"],
-            "source_drops": stats.counters["source_drops"]}
+            "source_drops": stats.counters["source_drops"], "model": model, "model_swaps": swaps}
 
 
 class MetricsServer:

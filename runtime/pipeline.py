@@ -12,7 +12,11 @@ Public API (used by `d3n run` and `d3n bench`):
 
 returns a dict: frames, fps (recent window), mean_fps (whole run), latency_ms per stage
 ({"p50", "p99"}), frames_dropped, source_drops, reconnects, corrupt_frames, sink_failures,
-backend, source_error, failed_sinks, stopped_by.
+backend, model ({"file", "sha256"} of the last model), model_swaps ({"ok", "refused"}),
+source_error, failed_sinks, stopped_by.
+
+With `watch=True` the model path is polled and a new model is swapped in between two frames
+(see swap.py): each queued frame carries the model it was prepared for.
 
 Start-up order: model, source check and metrics port first, then warm-up, then the source is
 opened, and only then are the sinks created: a run that cannot start (bad model, source or
@@ -36,6 +40,7 @@ from d3n.runtime.roi import RoiMask
 from d3n.runtime.sinks import Result, Sink, SinkSet, parse_sink
 from d3n.runtime.sources import Source
 from d3n.runtime.stats import Stats
+from d3n.runtime.swap import Model, ModelSlot, ModelWatcher
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +60,13 @@ def resolve_class_conf(class_conf: dict[str, float] | None, names: list[str]) ->
 
 
 class _Runner:
-    def __init__(self, backend: Backend, source: Source, sinks: SinkSet, stats: Stats, *,
+    def __init__(self, slot: ModelSlot, source: Source, sinks: SinkSet, stats: Stats, *,
                  conf: float, iou: float, max_det: int, class_conf: dict[int, float],
                  roi: RoiMask | None, max_fps: float | None, max_frames: int | None,
                  stop_event: threading.Event, on_result=None):
-        self.backend, self.source, self.sinks, self.stats = backend, source, sinks, stats
-        sc = backend.sidecar
-        self.names = list(sc.names)
-        self.thresholds = class_thresholds(len(self.names), conf, class_conf)
-        self.kind, self.box_format = sc.output.kind, sc.output.box_format
+        self.slot, self.source, self.sinks, self.stats = slot, source, sinks, stats
+        # A swapped-in model has the same class names (swap.py refuses others): same thresholds.
+        self.thresholds = class_thresholds(len(slot.active.names), conf, class_conf)
         self.iou, self.max_det, self.roi = iou, max_det, roi
         self.max_fps, self.max_frames = max_fps, max_frames
         self.stop_event = stop_event
@@ -119,10 +122,9 @@ class _Runner:
         return run
 
     def preprocess_stage(self) -> None:
-        taken, next_t = 0, time.monotonic()
-        shape = self.backend.input_shape[2:]
-        pre = self.backend.sidecar.preprocess
+        taken, next_t, last_index = 0, time.monotonic(), None
         while not self.abort.is_set():
+            model = self.slot.current(last_index)  # a hot swap takes effect here, between frames
             if self.stop_event.is_set() or (self.max_frames is not None and taken >= self.max_frames):
                 break
             if self.max_fps:
@@ -136,31 +138,34 @@ class _Runner:
             if frame is None:
                 break
             t0 = time.monotonic()
-            blob, lb = prepare(frame.image, shape, pre)
+            blob, lb = prepare(frame.image, model.input_hw, model.preprocess)
             self.stats.observe("preprocess", time.monotonic() - t0)
-            taken += 1
-            if not self._put(self.q_infer, (frame, blob, lb)):
+            taken, last_index = taken + 1, frame.index
+            self.slot.prepared(model)
+            if not self._put(self.q_infer, (frame, model, blob, lb)):
                 return
         self._put(self.q_infer, _END)
 
     def infer_stage(self) -> None:
-        for frame, blob, lb in self._drain(self.q_infer):
+        for frame, model, blob, lb in self._drain(self.q_infer):
             t0 = time.monotonic()
-            out = self.backend.infer(blob)
+            out = model.backend.infer(blob)  # the model the blob was prepared for, even after a swap
             self.stats.observe("infer", time.monotonic() - t0)
-            if not self._put(self.q_post, (frame, out, lb)):
+            self.slot.inferred(model)
+            if not self._put(self.q_post, (frame, model, out, lb)):
                 return
         self._put(self.q_post, _END)
 
     def post_stage(self) -> None:
-        for frame, out, lb in self._drain(self.q_post):
+        for frame, model, out, lb in self._drain(self.q_post):
             t0 = time.monotonic()
-            det = postprocess(out, lb, self.thresholds, self.kind, self.iou, self.max_det, self.box_format)
+            det = postprocess(out, lb, self.thresholds, model.kind, self.iou, self.max_det,
+                              model.box_format)
             if self.roi is not None:
                 det = self.roi.filter(det, frame.image.shape)
             t1 = time.monotonic()
             self.stats.observe("postprocess", t1 - t0)
-            result = Result(frame, det, self.names, time.time(), t1 - frame.capture_mono)
+            result = Result(frame, det, model.names, time.time(), t1 - frame.capture_mono, model.id)
             self.stats.observe("end_to_end", result.latency)
             self.sinks.write(result)
             self.stats.observe("sinks", time.monotonic() - t1)
@@ -181,26 +186,36 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
                  stop_event: threading.Event | None = None, on_result=None,
                  stats: Stats | None = None, video_fps: float = 25.0,
-                 status_every: float = 60.0) -> dict:
+                 status_every: float = 60.0, watch: bool = False,
+                 watch_interval: float = 2.0) -> dict:
     """Run `model` on `source` until the source ends, `max_frames`/`duration` is reached or
     `stop_event` is set; returns the run's stats (see module docstring).
 
-    model: a model path (opened with `open_backend(model, device)`) or an opened Backend.
+    model: a model path or release folder (opened with `open_backend(model, device)`) or an
+    opened Backend (not closed here).
     source: a `--source` string or a Source. sinks: sink specs (`jsonl:PATH`, ...) or Sinks.
     class_conf: {class name: threshold} overriding `conf`. roi: mask image path or RoiMask.
     max_reconnects: consecutive failed reopen attempts allowed for a live source (None: forever).
     metrics_port: serve /health and /metrics on metrics_host:port (0: any free port).
     on_result: called with each `sinks.Result`; status_every: seconds between status log lines.
+    watch: poll the model path every `watch_interval` s and hot-swap a new model (swap.py).
     Raises D3NError subclasses for bad models, sidecars, sources, sinks and options.
     """
     if not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
         raise ConfigError(f"--conf and --iou must be in [0, 1] (got {conf}, {iou})")
     if max_fps is not None and max_fps <= 0:
         raise ConfigError(f"--max-fps must be > 0 (got {max_fps})")
+    if watch and not watch_interval > 0:
+        raise ConfigError(f"--watch-interval must be > 0 (got {watch_interval})")
     stats = stats or Stats()
     stop_event = stop_event or threading.Event()
     owns_backend = not isinstance(model, Backend)
+    watcher = None
+    if watch:  # its baseline is taken before the load: a model replaced meanwhile is not missed
+        watcher = ModelWatcher(model if owns_backend else model.model_path, stats,
+                               interval=watch_interval, device=device, warmup=warmup)
     backend = open_backend(model, device) if owns_backend else model
+    slot = ModelSlot(Model(backend, owned=owns_backend), stats)
     sink_set = SinkSet([], stats)
     src = server = runner = None
     try:
@@ -209,7 +224,7 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
         src = source if isinstance(source, Source) else Source(
             source, stats, max_reconnects=max_reconnects, backoff=backoff)
         src.stats = stats
-        runner = _Runner(backend, src, sink_set, stats, conf=conf, iou=iou, max_det=max_det,
+        runner = _Runner(slot, src, sink_set, stats, conf=conf, iou=iou, max_det=max_det,
                          class_conf=class_ids, roi=roi_mask, max_fps=max_fps, max_frames=max_frames,
                          stop_event=stop_event, on_result=on_result)
         if metrics_port is not None:  # bound before any output exists: a busy port leaves none
@@ -217,6 +232,8 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
                                    stale_after=stale_after(max_fps)).start()
         if warmup:
             backend.warmup(warmup)
+        if watcher is not None:  # after the first warm-up: a second one would compete with it
+            watcher.start(slot)
         deadline = None if duration is None else time.monotonic() + duration
         runner.phase = "opening the source"
         src.start()
@@ -227,6 +244,8 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
             _drive(runner, deadline, status_every)
         runner.stopped_by = _why_stopped(runner, max_frames)
     finally:
+        if watcher is not None:
+            watcher.stop()
         if runner is not None:
             runner.abort.set()  # unblocks any stage still waiting on a queue
         if src is not None:
@@ -235,12 +254,11 @@ def run_pipeline(model: str | Path | Backend, source: str | Source, sinks=(), *,
         sink_set.close()
         if server is not None:
             server.stop()
-        if owns_backend:
-            backend.close()
+        slot.close()  # every model still open (not a Backend the caller passed in)
     if runner.errors:
         raise runner.errors[0]
     out = stats.summary()
-    out.update(backend=backend.name, source=src.source_id, source_error=src.error,
+    out.update(backend=slot.active.backend.name, source=src.source_id, source_error=src.error,
                failed_sinks=dict(sink_set.failed), stopped_by=runner.stopped_by,
                metrics_port=server.port if server else None)
     log.info("run finished (%s): %d frames, %.1f FPS, e2e p50 %.1f ms", runner.stopped_by,

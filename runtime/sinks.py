@@ -27,6 +27,7 @@ import numpy as np
 from d3n.errors import ArtifactError, ConfigError
 from d3n.runtime.postprocess import Detections
 from d3n.runtime.sources import Frame
+from d3n.runtime.swap import ModelId
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,17 @@ class Result:
     names: list[str]
     result_time: float  # wall clock
     latency: float  # seconds from capture to result
+    model: ModelId | None = None  # the model that made the detections (hot swaps change it)
 
     def record(self) -> dict:
         """The JSON-ready line written by the JSONL and MQTT sinks."""
         f = self.frame
         rec = {"source": f.source_id, "frame": f.index, "capture_ts": round(f.capture_time, 6),
                "result_ts": round(self.result_time, 6), "latency_ms": round(self.latency * 1000, 3),
-               "width": int(f.image.shape[1]), "height": int(f.image.shape[0]),
-               "detections": self.detections.to_list(self.names)}
+               "width": int(f.image.shape[1]), "height": int(f.image.shape[0])}
+        if self.model is not None:  # every line traceable to its model, across hot swaps
+            rec["model"], rec["model_sha256"] = self.model.file, self.model.short
+        rec["detections"] = self.detections.to_list(self.names)
         if f.name:
             rec["name"] = f.name
         return rec

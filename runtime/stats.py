@@ -31,6 +31,8 @@ class Stats:
         self.first_result: float | None = None
         self.last_result: float | None = None
         self.sink_failures: dict[str, int] = {}
+        self.model: dict[str, str] | None = None  # {"file", "sha256"} of the model making results
+        self.model_swaps = {"ok": 0, "refused": 0}
 
     def add(self, counter: str, n: int = 1) -> None:
         with self._lock:
@@ -46,6 +48,20 @@ class Stats:
         with self._lock:
             self.sink_failures[sink] = self.sink_failures.get(sink, 0) + 1
             self.counters["sink_failures"] += 1
+
+    def set_model(self, file: str, sha256: str) -> None:
+        with self._lock:
+            self.model = {"file": file, "sha256": sha256}
+
+    def model_swap(self, result: str) -> None:
+        """Count a hot model swap: "ok" (the new model went live) or "refused"."""
+        with self._lock:
+            self.model_swaps[result] += 1
+
+    def model_state(self) -> tuple[dict[str, str] | None, dict[str, int]]:
+        """(model identity, swaps by result), copied: read by the HTTP threads."""
+        with self._lock:
+            return (dict(self.model) if self.model else None), dict(self.model_swaps)
 
     def frame_done(self, n_det: int) -> None:
         now = time.monotonic()
@@ -89,10 +105,12 @@ class Stats:
         return time.monotonic() - self.started
 
     def summary(self) -> dict:
-        """Plain dict: counters, fps, mean_fps, uptime and per-stage p50/p99 latency in ms."""
+        """Plain dict: counters, fps, mean_fps, uptime, per-stage p50/p99 latency in ms, the
+        model's identity and the hot swaps by result."""
         with self._lock:
             out = dict(self.counters)
             sink_failures = dict(self.sink_failures)
+        out["model"], out["model_swaps"] = self.model_state()
         out["fps"] = round(self.fps(), 3)
         out["mean_fps"] = round(self.mean_fps(), 3)
         out["uptime_s"] = round(self.uptime(), 3)
