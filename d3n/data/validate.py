@@ -72,6 +72,8 @@ def check_image(path: Path) -> tuple[int, int]:
         raise FileProblem(path, "image file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise FileProblem(path, f"unreadable or truncated image ({exc})") from None
+    except ImportError:  # ultralytics, once imported, turns Pillow's "unidentified image" into a missing HEIF plugin
+        raise FileProblem(path, "unreadable image (not a format Pillow can identify)") from None
     if w < 1 or h < 1:
         raise FileProblem(path, f"image has no pixels ({w}x{h})")
     return w, h
