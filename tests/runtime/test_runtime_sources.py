@@ -70,7 +70,7 @@ def test_unreachable_stream_gives_up_after_bound_with_backoff():
     src = Source(f"rtsp://127.0.0.1:{free_port()}/x", stats, max_reconnects=2, backoff=(0.1, 0.15)).start()
     t0 = time.monotonic()
     assert src.get(timeout=10) is None
-    src.join(5)
+    src.join(30)  # each refused attempt can take seconds on a loaded machine
     assert "could not open after 3 attempts" in src.error
     assert time.monotonic() - t0 >= 0.1 + 0.15  # waited (capped backoff) between the attempts
     assert stats.counters["reconnects"] == 0
