@@ -5,9 +5,10 @@ Public API (used by `d3n run` and `d3n bench`; keep it stable):
     backend = open_backend("model.onnx", device="auto")   # or "cpu" | "cuda" | "tensorrt"
     backend.name          # e.g. "onnxruntime-cpu", "onnxruntime-tensorrt", "tensorrt"
     backend.sidecar       # d3n.sidecar.Sidecar, checked against the model file (sha256)
-    backend.input_shape   # (1, 3, h, w)
+    backend.input_shape   # (1, 3, h, w): one frame
+    backend.max_batch     # frames per inference: 1 (fixed batch), N (engine profile) or None
     backend.warmup(n)     # n timed runs on a zero blob; returns seconds taken (logged)
-    out = backend.infer(blob)   # (1, 3, h, w) float blob -> first output as np.ndarray
+    out = backend.infer(blob)   # (b, 3, h, w) float blob -> first output as np.ndarray
 
 `.onnx` files run on ONNX Runtime (TensorRT EP > CUDA EP > CPU EP, the best available unless
 `device` says otherwise); `.engine`/`.plan` files are plain TensorRT engines run natively.
@@ -34,31 +35,39 @@ MODEL_SUFFIXES = (".onnx", *ENGINE_SUFFIXES)
 
 
 class Backend:
-    """One loaded model. Subclasses set `name`, `input_shape`, `input_dtype` and `_run`."""
+    """One loaded model. Subclasses set `name`, `input_shape`, `input_dtype` and `_run`, and
+    `max_batch` when the model's batch axis is dynamic."""
 
     name: str = "?"
     input_shape: tuple[int, int, int, int]
     input_dtype: np.dtype = np.dtype(np.float32)
+    max_batch: int | None = 1  # frames per inference; None: a dynamic batch axis with no bound
 
     def __init__(self, model_path: Path, sidecar: sidecar_mod.Sidecar):
         self.model_path = Path(model_path)
         self.sidecar = sidecar
 
     def infer(self, blob: np.ndarray) -> np.ndarray:
-        """Run one (1, 3, h, w) blob; returns the model's first output."""
-        if tuple(blob.shape) != tuple(self.input_shape):
+        """Run a (b, 3, h, w) blob, b frames (1 unless the batch axis is dynamic, at most
+        `max_batch`); returns the model's first output, one row per frame."""
+        n = blob.shape[0] if blob.ndim == 4 else 0
+        fits = n >= 1 and (self.max_batch is None or n <= self.max_batch)
+        if tuple(blob.shape[1:]) != tuple(self.input_shape[1:]) or not fits:
+            most = "any" if self.max_batch is None else str(self.max_batch)
             raise ValueError(f"{self.model_path.name}: input blob shape {tuple(blob.shape)} != "
-                             f"model input {tuple(self.input_shape)}")
+                             f"model input {tuple(self.input_shape)} (batch of 1 to {most})")
         return self._run(np.ascontiguousarray(blob, dtype=self.input_dtype))
 
     def _run(self, blob: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def warmup(self, n: int = 1) -> float:
-        """Run `n` inferences on a zero blob (first runs allocate, tune and, for TensorRT EP,
-        build the engine); returns the seconds taken and logs them."""
-        blob = np.zeros(self.input_shape, dtype=self.input_dtype)
-        log.info("%s: warming up %s (%d run%s)...", self.name, self.model_path.name, n, "s" * (n != 1))
+    def warmup(self, n: int = 1, batch: int = 1) -> float:
+        """Run `n` inferences on a zero blob of `batch` frames (first runs allocate, tune and,
+        for TensorRT EP, build the engine for that batch size); returns the seconds taken and
+        logs them."""
+        blob = np.zeros((batch, *self.input_shape[1:]), dtype=self.input_dtype)
+        log.info("%s: warming up %s (%d run%s, batch %d)...", self.name, self.model_path.name, n,
+                 "s" * (n != 1), batch)
         t0 = time.perf_counter()
         for _ in range(max(n, 0)):
             self._run(blob)
@@ -85,6 +94,12 @@ def check_input_shape(model_path: Path, sc: sidecar_mod.Sidecar, shape) -> tuple
                                 f"{sidecar_mod.sidecar_path(model_path).name} says {expect} "
                                 f"(imgsz {sc.imgsz}); the sidecar does not match this model")
     return want
+
+
+def batch_dim(shape) -> int | None:
+    """The model's batch size: 1 when the input's first dimension is fixed (check_input_shape
+    refuses any other fixed value), None when it is dynamic (a name, -1 or 0)."""
+    return 1 if _dim(shape[0]) is not None else None
 
 
 def _dim(v) -> int | None:

@@ -1,4 +1,4 @@
-"""`d3n run`: the edge runtime on a camera, stream, video or image folder.
+"""`d3n run`: the edge runtime on cameras, streams, videos or image folders (one or several).
 
 Imports only argparse/stdlib at module level; the handler imports the runtime (numpy, OpenCV,
 onnxruntime), never torch.
@@ -12,13 +12,18 @@ EPILOG = """\
 sources: 0 (camera index), /dev/video0 (V4L2), a GStreamer pipeline (contains '!', e.g.
   "nvarguscamerasrc ! video/x-raw(memory:NVMM),width=1920,height=1080 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=1"),
   rtsp://... or http://... streams, a video file, an image folder or a glob ('imgs/*.jpg').
+Several sources: repeat --source, or list them in --sources FILE (one per line, NAME=URI or
+  URI; '#' starts a comment line; relative paths are relative to FILE). Unnamed ones are called
+  src0, src1, ... (a lone --source keeps its own text). Every JSONL line, per-source metric and
+  /health entry carries the name. With a dynamic-batch model (d3n export --dynamic) frames
+  from all sources share each inference, up to --max-batch (default: the number of sources).
 sinks: jsonl:PATH, video:PATH.mp4, crops:DIR, mqtt://HOST:PORT/TOPIC (needs d3n[mqtt]).
 Live sources are reopened with backoff forever unless --max-reconnects is given.
 --watch polls --model (a model file or a release folder) and swaps in a new model between two
 frames once it has been copied completely, matches its sidecar, has the same class names and
 passes a warm-up inference; a bad one is refused and logged, and the running model carries on.
-Exit status: 0 on a normal end (file source finished, --max-frames/--duration reached, Ctrl-C or
-SIGTERM); 1 when the model/sidecar/source/sink is bad, the source could not be (re)opened within
+Exit status: 0 on a normal end (file sources finished, --max-frames/--duration reached, Ctrl-C
+or SIGTERM); 1 when the model/sidecar/source/sink is bad, a source could not be (re)opened within
 --max-reconnects, or a sink failed during the run.
 """
 
@@ -46,7 +51,11 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True,
                    help="model.onnx or model.engine (sidecar model.json beside it), or a release "
                         "folder holding one model and its sidecar")
-    p.add_argument("--source", required=True, help="camera index, /dev/videoN, GStreamer string, URL, video, folder or glob")
+    p.add_argument("--source", action="append", default=[], metavar="[NAME=]SOURCE",
+                   help="camera index, /dev/videoN, GStreamer string, URL, video, folder or glob "
+                        "(repeatable)")
+    p.add_argument("--sources", default=None, metavar="FILE",
+                   help="file listing sources, one per line: NAME=URI or URI (# comments)")
     p.add_argument("--sink", action="append", default=[], metavar="SPEC",
                    help="jsonl:PATH | video:PATH | crops:DIR | mqtt://HOST:PORT/TOPIC (repeatable)")
     p.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25, as ultralytics)")
@@ -55,7 +64,16 @@ def register(subparsers) -> None:
     p.add_argument("--class-conf", default=None, metavar="NAME=T,...", help="per-class score thresholds")
     p.add_argument("--roi", default=None, metavar="MASK", help="mask image; detections centred outside it are dropped")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
-    p.add_argument("--max-fps", type=float, default=None, help="process at most this many frames per second")
+    p.add_argument("--max-fps", type=float, default=None,
+                   help="process at most this many frames per second of each source")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
+                   help="once a batch holds a frame, wait at most MS for the other sources "
+                        "(default 5)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="frames per inference (default: the number of sources; never more than "
+                        "the model's max batch)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="ONNX Runtime intra-op threads (default: every core this process may use)")
     p.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     p.add_argument("--max-reconnects", type=int, default=None,
@@ -82,9 +100,11 @@ def _cmd_run(args) -> int:
 
     from d3n.errors import ConfigError
     from d3n.runtime.pipeline import run_pipeline
+    from d3n.runtime.sources import source_entries
 
     if args.watch_interval is not None and not args.watch:
         raise ConfigError("--watch-interval needs --watch")
+    sources = source_entries(args.source, args.sources)  # names checked before the model loads
     log = logging.getLogger("d3n.run")
     stop = threading.Event()
 
@@ -98,13 +118,14 @@ def _cmd_run(args) -> int:
             previous[sig] = signal.signal(sig, on_signal)
     try:
         stats = run_pipeline(
-            args.model, args.source, sinks=args.sink, conf=args.conf, iou=args.iou,
+            args.model, sources, sinks=args.sink, conf=args.conf, iou=args.iou,
             max_det=args.max_det, class_conf=parse_class_conf(args.class_conf), roi=args.roi,
             device=args.device, max_fps=args.max_fps, max_frames=args.max_frames,
             duration=args.duration, max_reconnects=args.max_reconnects,
             metrics_port=args.metrics_port, metrics_host=args.metrics_host, stop_event=stop,
             video_fps=args.video_fps, status_every=args.status_every, watch=args.watch,
-            watch_interval=2.0 if args.watch_interval is None else args.watch_interval)
+            watch_interval=2.0 if args.watch_interval is None else args.watch_interval,
+            batch_wait=args.batch_wait_ms / 1000.0, max_batch=args.max_batch, threads=args.threads)
     finally:
         for sig, handler in previous.items():  # in-process callers get their handlers back
             signal.signal(sig, handler)
@@ -112,8 +133,9 @@ def _cmd_run(args) -> int:
         from d3n.artifacts import write_json
 
         write_json(args.summary, stats)
-    print(json.dumps({k: stats[k] for k in ("frames", "mean_fps", "corrupt_frames", "reconnects",
-                                             "source_drops", "stopped_by")}))
+    brief = {k: stats[k] for k in ("frames", "mean_fps", "corrupt_frames", "reconnects",
+                                   "source_drops", "stopped_by")}
+    print(json.dumps({**brief, "mean_batch": stats["batches"]["mean_size"]}))
     rc = 0
     if stats["source_error"]:
         print(f"d3n: error: {stats['source_error']}", file=sys.stderr)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from d3n.errors import ArtifactError, ConfigError
-from d3n.runtime.backends import Backend, check_input_shape, check_output_shape
+from d3n.runtime.backends import Backend, batch_dim, check_input_shape, check_output_shape
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ class OrtBackend(Backend):
         fp16 = sidecar.precision == "fp16"
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            opts.intra_op_num_threads = int(intra_op_threads)
+        if intra_op_threads:  # ORT's default (its own guess per session) oversubscribes
+            opts.intra_op_num_threads = int(intra_op_threads)  # shared cores: see runtime.md
         try:
             self.session = ort.InferenceSession(
                 str(model_path), sess_options=opts,
@@ -92,17 +92,20 @@ class OrtBackend(Backend):
         self.input_name = inp.name
         self.input_dtype = np.dtype(np.float16 if inp.type == "tensor(float16)" else np.float32)
         self.input_shape = check_input_shape(model_path, sidecar, inp.shape)
+        self.max_batch = batch_dim(inp.shape)  # the graph decides what ONNX Runtime can run
         outputs = self.session.get_outputs()
         check_output_shape(model_path, sidecar, outputs[0].shape)
         self.output_names = [o.name for o in outputs]
-        log.info("%s: loaded %s, input %s %s", self.name, model_path.name, self.input_shape,
-                 self.input_dtype)
+        threads = opts.intra_op_num_threads or "default"
+        log.info("%s: loaded %s, input %s %s, %s batch, %s intra-op threads", self.name,
+                 model_path.name, self.input_shape, self.input_dtype,
+                 "dynamic" if self.max_batch is None else "fixed", threads)
 
-    def warmup(self, n: int = 1) -> float:
+    def warmup(self, n: int = 1, batch: int = 1) -> float:
         if self.device == "tensorrt":
             log.info("%s: the first run builds the TensorRT engine (minutes on a Jetson; cached in "
                      "%s for the next start)", self.name, self.trt_cache)
-        return super().warmup(n)
+        return super().warmup(n, batch)
 
     def _run(self, blob: np.ndarray) -> np.ndarray:
         return self.session.run(self.output_names[:1], {self.input_name: blob})[0]

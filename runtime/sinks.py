@@ -192,45 +192,60 @@ def annotate(img: np.ndarray, det: Detections, names: list[str]) -> np.ndarray:
 
 
 class VideoSink(Sink):
-    """Annotated video via cv2.VideoWriter (mp4v for .mp4/.mov, MJPG for .avi)."""
+    """Annotated video via cv2.VideoWriter (mp4v for .mp4/.mov, MJPG for .avi).
+
+    With several sources (`per_source`), each gets its own file, `PATH` with the source's name
+    before the suffix (`out.mp4` -> `out.cam1.mp4`): one video mixing cameras (and sizes) would
+    be of no use.
+    """
 
     kind = "video"
     FOURCC = {".mp4": "mp4v", ".mov": "mp4v", ".m4v": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
 
-    def __init__(self, path: str | Path, fps: float = 25.0):
+    def __init__(self, path: str | Path, fps: float = 25.0, per_source: bool = False):
         super().__init__(str(path))
         self.path = Path(path)
         self.fps = fps
+        self.per_source = per_source
         if self.path.suffix.lower() not in self.FOURCC:
             raise ConfigError(f"{self.path}: video sink needs one of {', '.join(self.FOURCC)}")
         try:  # fail now, not on the first frame, if the file cannot be created
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.touch()
+            probe = self.path.with_name(f".{self.path.name}.d3n-write-test") if per_source else self.path
+            probe.touch()
+            if per_source:
+                probe.unlink()
         except OSError as exc:
             raise _cannot_open(self.kind, self.path, exc) from None
-        self._writer: cv2.VideoWriter | None = None
-        self._size: tuple[int, int] | None = None
+        self._writers: dict[str, tuple[cv2.VideoWriter, tuple[int, int], Path]] = {}
 
-    def _open(self, w: int, h: int) -> None:
+    def path_for(self, source_id: str) -> Path:
+        if not self.per_source:
+            return self.path
+        return self.path.with_name(f"{self.path.stem}.{_safe(source_id)}{self.path.suffix}")
+
+    def _open(self, source_id: str, w: int, h: int):
+        path = self.path_for(source_id)
         fourcc = cv2.VideoWriter_fourcc(*self.FOURCC[self.path.suffix.lower()])
-        self._writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, (w, h))
-        if not self._writer.isOpened():
-            raise OSError(errno.EIO, "cv2.VideoWriter cannot open the file", str(self.path))
-        self._size = (w, h)
+        writer = cv2.VideoWriter(str(path), fourcc, self.fps, (w, h))
+        if not writer.isOpened():
+            raise OSError(errno.EIO, "cv2.VideoWriter cannot open the file", str(path))
+        self._writers[source_id] = (writer, (w, h), path)
+        return self._writers[source_id]
 
     def write(self, result: Result) -> None:
         img = annotate(result.frame.image, result.detections, result.names)
         h, w = img.shape[:2]
-        if self._writer is None:
-            self._open(w, h)
-        if (w, h) != self._size:  # a reconnected camera may come back at another resolution
-            img = cv2.resize(img, self._size)
-        self._writer.write(img)
-        self._check_space(self.path)
+        key = result.frame.source_id if self.per_source else ""
+        writer, size, path = self._writers.get(key) or self._open(key, w, h)
+        if (w, h) != size:  # a reconnected camera may come back at another resolution
+            img = cv2.resize(img, size)
+        writer.write(img)
+        self._check_space(path)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.release()
+        for writer, _, _ in self._writers.values():
+            writer.release()
 
 
 def _safe(text: str) -> str:
@@ -323,8 +338,9 @@ class MqttSink(Sink):
         self.client.loop_stop()
 
 
-def parse_sink(spec: str, fps: float = 25.0) -> Sink:
-    """Build a sink from its command-line spec (see module docstring)."""
+def parse_sink(spec: str, fps: float = 25.0, per_source: bool = False) -> Sink:
+    """Build a sink from its command-line spec (see module docstring). `per_source`: the run
+    has several sources (a video sink then writes one file per source)."""
     if spec.startswith("mqtt://"):
         return MqttSink(spec)
     kind, sep, target = spec.partition(":")
@@ -333,7 +349,7 @@ def parse_sink(spec: str, fps: float = 25.0) -> Sink:
     if kind == "jsonl":
         return JsonlSink(target)
     if kind == "video":
-        return VideoSink(target, fps=fps)
+        return VideoSink(target, fps=fps, per_source=per_source)
     if kind == "crops":
         return CropsSink(target)
     raise ConfigError(f"--sink {spec!r}: unknown sink '{kind}' (jsonl, video, crops, mqtt)")

@@ -10,6 +10,9 @@ through a bounded queue, no frame skipped; their end is the normal end of the ru
 Corrupt frames (undecodable images or video packets, empty or wrongly shaped frames) are
 counted, logged and skipped; a damaged stretch inside a video file is stepped over (see
 `VideoReader`), so only the real end of the file ends the run.
+
+A run may read several sources (`--source` repeated, `--sources FILE`): each is a `Source` of
+its own, named (`source_entries`), and counts into the run's stats under its name.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import glob
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,17 +62,25 @@ class SourceSpec:
     paths: list[Path] = field(default_factory=list)
 
 
+def _live_kind(s: str) -> str | None:
+    """The kind of a live source string (camera, v4l2, gstreamer, url), None for a path."""
+    if s.isdigit():
+        return "camera"
+    if s.startswith("/dev/video"):
+        return "v4l2"
+    if "!" in s:
+        return "gstreamer"
+    if s.lower().startswith(URL_SCHEMES):
+        return "url"
+    return None
+
+
 def parse_source(text: str) -> SourceSpec:
     """Classify a `--source` string (see module docstring); files must exist."""
     s = str(text).strip()
-    if s.isdigit():
-        return SourceSpec(s, "camera", True)
-    if s.startswith("/dev/video"):
-        return SourceSpec(s, "v4l2", True)
-    if "!" in s:
-        return SourceSpec(s, "gstreamer", True)
-    if s.lower().startswith(URL_SCHEMES):
-        return SourceSpec(s, "url", True)
+    kind = _live_kind(s)
+    if kind is not None:
+        return SourceSpec(s, kind, True)
     p = Path(s)
     if p.is_dir():
         paths = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
@@ -87,6 +99,95 @@ def parse_source(text: str) -> SourceSpec:
     if p.suffix.lower() in IMAGE_EXTS:
         return SourceSpec(s, "images", False, [p])
     return SourceSpec(s, "video", False)
+
+
+# Several sources ---------------------------------------------------------------------------
+
+# NAME=URI: the name is a short token; GStreamer strings ("v4l2src device=...") have a space
+# before their first '=', URLs a ':' or '/', so neither is taken for a name.
+NAME_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\s*=(.*)", re.DOTALL)
+
+
+@dataclass
+class SourceEntry:
+    """One source of a run: its name (on every JSONL line, metric label and /health entry),
+    what it is, and where it was given (`--source` or FILE:LINE) for error messages."""
+
+    name: str
+    spec: SourceSpec
+    origin: str = "--source"
+
+
+def split_name(text: str, base: Path | None = None) -> tuple[str | None, str]:
+    """'cam1=rtsp://...' -> ('cam1', 'rtsp://...'); a text without a name -> (None, text).
+    An existing path containing '=' (relative to `base` if given) is a path, not a name."""
+    s = str(text).strip()
+    m = NAME_RE.fullmatch(s)
+    if m is None or (base or Path()).joinpath(s).exists():
+        return None, s
+    return m.group(1), m.group(2).strip()
+
+
+def _resolve(uri: str, base: Path) -> str:
+    """A relative path in a sources file is relative to that file's folder, so the file works
+    from whatever directory the service starts in; live sources are left alone."""
+    if _live_kind(uri) is not None or Path(uri).is_absolute():
+        return uri
+    return str(base / uri)
+
+
+def _entry(name: str | None, uri: str, origin: str, base: Path | None = None
+           ) -> tuple[str | None, SourceSpec, str]:
+    if not uri:
+        raise DataError(f"{origin}: '{name}=' gives no URI or path after the name")
+    try:
+        return name, parse_source(uri if base is None else _resolve(uri, base)), origin
+    except DataError as exc:
+        if origin == "--source":
+            raise  # the message already names the source, as it always has
+        raise DataError(f"{origin}: {exc}") from None
+
+
+def read_sources_file(path: str | Path) -> list[tuple[str | None, SourceSpec, str]]:
+    """The sources listed in a `--sources` file: one per line, `NAME=URI` or `URI`; blank lines
+    and lines starting with '#' are skipped. A line that is no camera, device, pipeline, URL,
+    file, folder or glob is an error naming the file and line."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a text file"
+        raise DataError(f"{p}: cannot read the sources file ({reason})") from None
+    out = []
+    for no, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s and not s.startswith("#"):
+            out.append(_entry(*split_name(s, p.parent), f"{p}:{no}", p.parent))
+    if not out:
+        raise DataError(f"{p}: no source in the sources file (one URI or path per line, "
+                        "optionally NAME=URI; '#' starts a comment)")
+    return out
+
+
+def source_entries(texts: list[str] = (), sources_file: str | Path | None = None) -> list[SourceEntry]:
+    """The run's sources, `--source` texts first, then the `--sources` file, each named: NAME=URI
+    names it, else `srcK` (K: its position). A lone unnamed `--source` keeps its own text as its
+    name, as single-source runs always have. Names must be unique."""
+    raw = [_entry(*split_name(t), "--source") for t in texts]
+    if sources_file is not None:
+        raw += read_sources_file(sources_file)
+    if not raw:
+        raise ConfigError("no source: give --source (repeatable) or --sources FILE")
+    entries, seen = [], {}
+    for k, (name, spec, origin) in enumerate(raw):
+        if name is None:
+            name = spec.text if len(raw) == 1 and origin == "--source" else f"src{k}"
+        if name in seen:
+            raise ConfigError(f"{origin}: source name '{name}' is already used ({seen[name]}); "
+                              "names must be unique")
+        seen[name] = origin
+        entries.append(SourceEntry(name, spec, origin))
+    return entries
 
 
 def check_frame(img) -> np.ndarray | None:
@@ -270,11 +371,17 @@ class Source:
         self._latest: Frame | None = None
         self._cond = threading.Condition()
         self._index = 0
-        self._thread = threading.Thread(target=self._run, name=f"capture:{self.spec.kind}", daemon=True)
+        self.wake = None  # an object with notify(), told of every new frame and of the end
+        self._thread = threading.Thread(target=self._run, name=f"capture:{self.source_id}", daemon=True)
 
     @property
     def live(self) -> bool:
         return self.spec.live
+
+    @property
+    def label(self) -> str:
+        """The name, and what it stands for when that differs: errors say which camera."""
+        return self.source_id if self.source_id == self.spec.text else f"{self.source_id} ({self.spec.text})"
 
     def start(self) -> Source:
         self._thread.start()
@@ -294,21 +401,40 @@ class Source:
         """The capture thread has finished (end of the source, a failure or a stop)."""
         return self._done.is_set()
 
+    @property
+    def state(self) -> str:
+        """starting (not opened yet), running, reconnecting (down, being reopened), ended (a
+        file or folder read to its end, or stopped) or lost (failed for good)."""
+        if self.ended:
+            return "lost" if self.error else "ended"
+        if self.down_reason:
+            return "reconnecting"
+        return "running" if self.opened.is_set() else "starting"
+
     # consumer side
     def get(self, timeout: float = 0.5) -> Frame | None | bool:
-        """The next frame; None when the source has ended; False if none arrived in `timeout`."""
+        """The next frame; None when the source has ended; False if none arrived in `timeout`
+        (0: do not wait)."""
         if self.live:
             with self._cond:
-                if self._latest is None and not self._done.is_set():
+                if self._latest is None and not self._done.is_set() and timeout > 0:
                     self._cond.wait(timeout)
                 frame, self._latest = self._latest, None
             if frame is not None:
                 return frame
             return None if self._done.is_set() else False
         try:
-            return self._queue.get(timeout=timeout)
+            return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
         except queue.Empty:
             return None if self._done.is_set() and self._queue.empty() else False
+
+    def poll(self) -> Frame | None | bool:
+        """`get` without waiting: the batcher polls every source and waits on `wake` instead."""
+        return self.get(timeout=0)
+
+    def _notify(self) -> None:
+        if self.wake is not None:
+            self.wake.notify()
 
     # producer side
     def _publish(self, img: np.ndarray, name: str = "") -> None:
@@ -318,19 +444,21 @@ class Source:
         if self.live:
             with self._cond:
                 if self._latest is not None:
-                    self.stats.add("frames_dropped")  # superseded before it was processed
+                    self.stats.add("frames_dropped", source=self.source_id)  # superseded before it was processed
                 self._latest = frame
                 self._cond.notify_all()
+            self._notify()
             return
         while not self._stop.is_set():  # files: block (back-pressure), never skip a frame
             try:
                 self._queue.put(frame, timeout=0.2)
+                self._notify()
                 return
             except queue.Full:
                 continue
 
     def _corrupt(self, what: str) -> None:
-        self.stats.add("corrupt_frames")
+        self.stats.add("corrupt_frames", source=self.source_id)
         log.warning("source %s: corrupt frame skipped (%s)", self.source_id, what)
 
     def _fail(self, reason: str, error: str) -> None:
@@ -348,12 +476,13 @@ class Source:
                 self._run_video()
         except Exception as exc:  # a capture thread must report, never die silently
             self.stop_reason = "source failed: capture error"
-            self.error = f"source {self.source_id}: capture failed: {exc!r}"
+            self.error = f"source {self.label}: capture failed: {exc!r}"
             log.exception("source %s: capture thread failed", self.source_id)
         finally:
             self._done.set()
             with self._cond:
                 self._cond.notify_all()
+            self._notify()
 
     def _run_images(self) -> None:
         self.opened.set()  # parse_source found the files; each is checked as it is read
@@ -393,7 +522,7 @@ class Source:
 
     def _video_frame(self, reader: VideoReader, img: np.ndarray, lost: int) -> None:
         if lost:  # the gap shows in the frame numbers too
-            self.stats.add("corrupt_frames", lost)
+            self.stats.add("corrupt_frames", lost, source=self.source_id)
             log.warning("source %s: frames %d-%d undecodable (damaged data): %d frame%s lost, "
                         "reading on", self.source_id, reader.index - lost, reader.index - 1, lost,
                         "s" * (lost != 1))
@@ -419,7 +548,7 @@ class Source:
                 if self.max_reconnects is not None and failed_opens > self.max_reconnects:
                     self._give_up(failed_opens, opened_before)
                     return
-                self.down_reason = (f"source {self.source_id} down: reconnecting ({failed_opens} "
+                self.down_reason = (f"source {self.label} down: reconnecting ({failed_opens} "
                                     f"failed attempt{'s' * (failed_opens != 1)})")
                 log.warning("source %s: cannot open (attempt %d); retrying in %.1f s",
                             self.source_id, failed_opens, delay)
@@ -428,11 +557,11 @@ class Source:
                 delay = min(delay * 2, self.backoff[1])
                 continue
             if opened_before:
-                self.stats.add("reconnects")
+                self.stats.add("reconnects", source=self.source_id)
                 log.info("source %s: reconnected after %d failed attempt%s", self.source_id,
                          failed_opens, "s" * (failed_opens != 1))
             else:
-                log.info("source %s: opened (%s)", self.source_id, self.spec.kind)
+                log.info("source %s: opened (%s)", self.label, self.spec.kind)
             opened_before, failed_opens, delay = True, 0, self.backoff[0]
             self.down_reason = None
             self.opened.set()
@@ -440,8 +569,8 @@ class Source:
             cap.release()
             if self._stop.is_set():
                 return
-            self.stats.add("source_drops")
-            self.down_reason = f"source {self.source_id} down: stream dropped, reconnecting"
+            self.stats.add("source_drops", source=self.source_id)
+            self.down_reason = f"source {self.label} down: stream dropped, reconnecting"
             log.warning("source %s: stream dropped; reopening in %.1f s", self.source_id, delay)
             if self._wait(delay):
                 return
@@ -451,10 +580,10 @@ class Source:
         s, bound = "s" * (attempts != 1), f"(--max-reconnects {self.max_reconnects})"
         if opened_before:
             self._fail(f"source lost: {attempts} reconnect attempt{s} failed {bound}",
-                       f"source {self.source_id}: lost; {attempts} reconnect attempt{s} failed {bound}")
+                       f"source {self.label}: lost; {attempts} reconnect attempt{s} failed {bound}")
         else:
             self._fail(f"source never opened: {attempts} attempt{s} failed {bound}",
-                       f"source {self.source_id}: could not open after {attempts} attempt{s} {bound}")
+                       f"source {self.label}: could not open after {attempts} attempt{s} {bound}")
 
     def _read_live(self, cap: cv2.VideoCapture) -> None:
         bad_in_a_row = 0

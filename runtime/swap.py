@@ -8,9 +8,10 @@ Threads and hand-over:
   is then loaded, checked against the running one and warmed up in that same thread, off the
   hot path; a bad one is refused (logged, counted) and the running model carries on.
 - `ModelSlot` holds the running model and, once validated, the next one. The preprocess stage
-  asks it for the model at the top of every iteration, so the switch falls between two frames.
-  Each queued frame carries the `Model` it was prepared for: the infer stage runs it on that
-  model and the post stage decodes it with that model's sidecar. Frames prepared before the
+  asks it for the model at the top of every iteration, so the switch falls between two frames
+  (two batches, with several sources: a batch is prepared for one model). Each queued batch
+  carries the `Model` it was prepared for: the infer stage runs it on that model and the post
+  stage decodes its frames with that model's sidecar. Frames prepared before the
   switch finish on the old model, none is dropped or run twice, and a new input size or
   preprocessing is safe. The old model is closed by the infer stage after its last frame.
 """
@@ -61,6 +62,7 @@ class Model:
         self.input_hw = tuple(backend.input_shape[2:])
         self.preprocess = sc.preprocess
         self.kind, self.box_format = sc.output.kind, sc.output.box_format
+        self.max_batch = backend.max_batch  # 1: one frame per inference; None: no bound
         self.in_flight = 0  # frames prepared for this model and not yet through inference
         self.retired = False  # replaced: close once in_flight drops to 0
         self.closed = False
@@ -103,9 +105,10 @@ class ModelSlot:
             drop.close()
         return accepted
 
-    def current(self, after_frame: int | None = None) -> Model:
-        """The model for the next frame; called by the preprocess stage between two frames, the
-        only place where a pending model goes live."""
+    def current(self, after_frame: int | str | None = None) -> Model:
+        """The model for the next frame (or batch); called by the preprocess stage between two
+        batches, the only place where a pending model goes live. `after_frame` names the last
+        frame prepared, for the log."""
         if self._pending is None:  # the common case: no lock on the hot path
             return self.active
         with self._lock:
@@ -123,16 +126,16 @@ class ModelSlot:
         self._close_idle(old)
         return new
 
-    def prepared(self, model: Model) -> None:
-        """The preprocess stage queued a frame for `model`."""
+    def prepared(self, model: Model, n: int = 1) -> None:
+        """The preprocess stage queued `n` frames (a batch) for `model`."""
         with self._lock:
-            model.in_flight += 1
+            model.in_flight += n
 
-    def inferred(self, model: Model) -> None:
-        """The infer stage is done with a frame of `model`: a replaced model is closed after its
-        last one (the queues are FIFO, so none can follow)."""
+    def inferred(self, model: Model, n: int = 1) -> None:
+        """The infer stage is done with `n` frames of `model`: a replaced model is closed after
+        its last one (the queues are FIFO, so none can follow)."""
         with self._lock:
-            model.in_flight -= 1
+            model.in_flight -= n
         self._close_idle(model)
 
     def _close_idle(self, model: Model) -> None:
@@ -185,8 +188,10 @@ def _reason(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, D3NError) else f"{type(exc).__name__}: {exc}"
 
 
-def load_candidate(path: Path, running: Model, device: str, warmup: int) -> Model | None:
-    """Load `path`, check it against `running` and warm it up; None if it is the running model.
+def load_candidate(path: Path, running: Model, device: str, warmup: int, threads: int | None = None,
+                   batch: int = 1) -> Model | None:
+    """Load `path`, check it against `running` and warm it up (also at `batch` frames, or its
+    own max batch if smaller, when its batch axis is dynamic); None if it is the running model.
 
     Raises (ArtifactError, ConfigError, or whatever the backend raises) for a model to refuse.
     The class names must be the same: sinks, --class-conf and whoever reads the detections
@@ -200,9 +205,10 @@ def load_candidate(path: Path, running: Model, device: str, warmup: int) -> Mode
         raise ArtifactError(f"{side}: class names {list(sc.names)} differ from those of the "
                             f"running model {running.id.file} {running.names}; a new model must "
                             "detect the same classes, in the same order")
-    backend = open_backend(path, device)  # input and output shapes checked against the sidecar
+    # input and output shapes checked against the sidecar; same threads as the running model
+    backend = open_backend(path, device, intra_op_threads=threads)
     try:
-        _warm_up(backend, warmup)
+        _warm_up(backend, warmup, min(batch, backend.max_batch or batch))
     except BaseException:
         backend.close()  # nobody else holds it; a TensorRT engine holds device memory
         raise
@@ -213,11 +219,14 @@ def load_candidate(path: Path, running: Model, device: str, warmup: int) -> Mode
     return model
 
 
-def _warm_up(backend: Backend, n: int) -> None:
-    """Warm-up runs (the TensorRT EP builds its engine here), then one inference whose output
-    must fit the sidecar and be finite: the model has to work before it gets a frame."""
+def _warm_up(backend: Backend, n: int, batch: int = 1) -> None:
+    """Warm-up runs (the TensorRT EP builds its engine here, for batch 1 and for the batch the
+    run forms), then one inference whose output must fit the sidecar and be finite: the model
+    has to work before it gets a frame."""
     if n > 0:
         backend.warmup(n)
+        if batch > 1:
+            backend.warmup(n, batch)
     out = backend.infer(np.zeros(backend.input_shape, dtype=backend.input_dtype))
     check_output_shape(backend.model_path, backend.sidecar, np.shape(out))
     if not np.all(np.isfinite(out)):
@@ -230,9 +239,10 @@ class ModelWatcher:
     baseline, so a model replaced during start-up is still picked up."""
 
     def __init__(self, path: str | Path, stats: Stats, *, interval: float = 2.0,
-                 device: str = "auto", warmup: int = 1):
+                 device: str = "auto", warmup: int = 1, threads: int | None = None, batch: int = 1):
         self.path = Path(path)
         self.stats, self.interval, self.device, self.warmup = stats, interval, device, warmup
+        self.threads, self.batch = threads, batch  # as the running model: intra-op threads, batch
         self.known = snapshot(self.path)  # the state last acted upon
         self.slot: ModelSlot | None = None
         self._stop = threading.Event()
@@ -293,7 +303,7 @@ class ModelWatcher:
         log.info("model swap: loading %s (sidecar %s) beside the running %s", path,
                  sidecar_mod.sidecar_path(path).name, running.id)
         try:
-            model = load_candidate(path, running, self.device, self.warmup)
+            model = load_candidate(path, running, self.device, self.warmup, self.threads, self.batch)
         except Exception as exc:  # noqa: BLE001 - any failure refuses the model, never the line
             self._refuse([path], _reason(exc))
             return

@@ -117,12 +117,14 @@ class TensorRTBackend(Backend):
             raise ArtifactError(f"{self.model_path}: expected one input and at least one output, "
                                 f"engine has inputs {inputs} and outputs {outputs}")
         self.input_name = inputs[0]
-        self.input_shape = check_input_shape(self.model_path, self.sidecar,
-                                             tuple(eng.get_tensor_shape(self.input_name)))
-        if -1 in tuple(eng.get_tensor_shape(self.input_name)):  # dynamic batch profile
-            self.context.set_input_shape(self.input_name, self.input_shape)
+        declared = tuple(eng.get_tensor_shape(self.input_name))
+        self.input_shape = check_input_shape(self.model_path, self.sidecar, declared)
+        self.max_batch = self._profile_max_batch(declared)
+        largest = (self.max_batch, *self.input_shape[1:])
+        if -1 in declared:  # dynamic profile: buffers sized for its largest batch
+            self.context.set_input_shape(self.input_name, largest)
         self.input_dtype = np.dtype(trt.nptype(eng.get_tensor_dtype(self.input_name)))
-        self._in_ptr = self._alloc(int(np.prod(self.input_shape)) * self.input_dtype.itemsize)
+        self._in_ptr = self._alloc(int(np.prod(largest)) * self.input_dtype.itemsize)
         self.context.set_tensor_address(self.input_name, self._in_ptr)
         self._outputs = []
         for name in outputs:
@@ -133,6 +135,14 @@ class TensorRTBackend(Backend):
             self._outputs.append((host, ptr))
         self._execute = lambda: self.context.execute_async_v3(self.cuda.stream_handle)
 
+    def _profile_max_batch(self, declared: tuple) -> int:
+        """The largest batch the engine runs: 1 for a fixed batch, else the maximum of its
+        first optimisation profile (`d3n export --dynamic --batch N` sets it to N)."""
+        if declared[0] != -1:
+            return 1
+        _, _, largest = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        return max(int(largest[0]), 1)
+
     # TensorRT 8.x before the tensor API: binding indices.
     def _setup_bindings_api(self) -> None:
         trt, eng = self.trt, self.engine
@@ -142,8 +152,10 @@ class TensorRTBackend(Backend):
             raise ArtifactError(f"{self.model_path}: expected one input binding, engine has {len(ins)}")
         i_in = ins[0]
         self.input_shape = check_input_shape(self.model_path, self.sidecar, tuple(eng.get_binding_shape(i_in)))
-        if -1 in tuple(eng.get_binding_shape(i_in)):
+        if -1 in tuple(eng.get_binding_shape(i_in)):  # batching is left to the tensor API
             self.context.set_binding_shape(i_in, self.input_shape)
+            log.info("%s: TensorRT %s bindings API: the dynamic engine runs one frame per "
+                     "inference", self.model_path.name, trt.__version__)
         self.input_dtype = np.dtype(trt.nptype(eng.get_binding_dtype(i_in)))
         bindings = [0] * n
         self._in_ptr = bindings[i_in] = self._alloc(int(np.prod(self.input_shape)) * self.input_dtype.itemsize)
@@ -162,13 +174,17 @@ class TensorRTBackend(Backend):
         return ptr
 
     def _run(self, blob: np.ndarray) -> np.ndarray:
+        n = blob.shape[0]
+        if self.max_batch != 1:  # tensor API, dynamic profile: this call's batch size
+            self.context.set_input_shape(self.input_name, blob.shape)
         self.cuda.to_device(self._in_ptr, blob)
         if not self._execute():
             raise RuntimeError(f"{self.model_path.name}: TensorRT execution failed")
         host, ptr = self._outputs[0]
-        self.cuda.to_host(host, ptr)
+        rows = host[:n]  # batch-major: the first n rows of the buffer sized for the largest batch
+        self.cuda.to_host(rows, ptr)
         self.cuda.sync()
-        return host.copy()
+        return rows.copy()
 
     def close(self) -> None:
         for ptr in self._buffers:

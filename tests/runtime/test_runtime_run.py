@@ -185,7 +185,7 @@ def parse_prometheus(text: str) -> dict[str, float]:
             continue
         m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_]\w*="[^"]*",?)*\})? (\S+)', line)
         assert m, f"bad exposition line: {line!r}"
-        base = re.sub(r"_(sum|count)$", "", m.group(1))
+        base = re.sub(r"_(sum|count|bucket)$", "", m.group(1))
         assert m.group(1) in types or base in types, f"sample without TYPE: {line}"
         samples[m.group(1) + (m.group(2) or "")] = float(m.group(3))
     return samples
