@@ -1,7 +1,8 @@
 """`d3n bench`: one checkpoint measured side by side, in one run, on one machine.
 
 - model-only latency (p50/p99) and FPS for every available backend: ORT CPU FP32, ORT CPU INT8,
-  and ORT CUDA / TensorRT EP / native TensorRT engine when a GPU is present;
+  OpenVINO CPU FP32 and INT8 (the same two ONNX files) when openvino is installed, and ORT CUDA /
+  TensorRT EP / native TensorRT engine when a GPU is present;
 - torch eager on the same checkpoint (model-only);
 - end-to-end FPS of the d3n runtime pipeline on a video (FP32 and INT8);
 - ultralytics' own predictor on the same ONNX file and video (`stream=True`), the tool users
@@ -154,6 +155,17 @@ def _export_models(opts: BenchOptions, out: Path) -> dict[str, Path]:
     return models
 
 
+def _openvino_rows(fp32: Path, int8: Path, opts: BenchOptions) -> list[dict]:
+    """OpenVINO CPU on the same FP32 and Q/DQ INT8 files, when openvino is installed. Latency
+    only: the accuracy scorer (export/evaluate.py) runs ONNX Runtime."""
+    from d3n.runtime.openvino_backend import openvino_available
+
+    if not openvino_available():
+        log.info("bench: openvino not installed, no OpenVINO rows (pip install 'd3n[openvino]')")
+        return []
+    return [backend_latency(fp32, "openvino", opts), backend_latency(int8, "openvino", opts)]
+
+
 def _gpu_rows(fp32: Path, opts: BenchOptions, out: Path) -> list[dict]:
     """ORT CUDA / TensorRT EP and a native FP16 engine, when the machine has them."""
     rows = []
@@ -188,6 +200,7 @@ def run_bench(opts: BenchOptions) -> dict:
         result = {"hardware": hardware(), "imgsz": list(opts.imgsz), "checkpoint": str(opts.model),
                   "video": str(opts.source or "generated from the dataset's val images"),
                   "model_only": [backend_latency(m["fp32"], "cpu", opts), backend_latency(m["int8"], "cpu", opts),
+                                 *_openvino_rows(m["fp32"], m["int8"], opts),
                                  *_gpu_rows(m["fp32"], opts, out), torch_latency(opts.model, opts)],
                   "end_to_end": {"d3n_fp32": pipeline_fps(m["fp32"], video, opts),
                                  "d3n_int8": pipeline_fps(m["int8"], video, opts),

@@ -2,16 +2,18 @@
 
 Public API (used by `d3n run` and `d3n bench`; keep it stable):
 
-    backend = open_backend("model.onnx", device="auto")   # or "cpu" | "cuda" | "tensorrt"
-    backend.name          # e.g. "onnxruntime-cpu", "onnxruntime-tensorrt", "tensorrt"
+    backend = open_backend("model.onnx", device="auto")   # or "cpu" | "cuda" | "tensorrt" | "openvino"
+    backend.name          # e.g. "onnxruntime-cpu", "onnxruntime-tensorrt", "tensorrt", "openvino-cpu"
     backend.sidecar       # d3n.sidecar.Sidecar, checked against the model file (sha256)
     backend.input_shape   # (1, 3, h, w): one frame
     backend.max_batch     # frames per inference: 1 (fixed batch), N (engine profile) or None
     backend.warmup(n)     # n timed runs on a zero blob; returns seconds taken (logged)
     out = backend.infer(blob)   # (b, 3, h, w) float blob -> first output as np.ndarray
 
-`.onnx` files run on ONNX Runtime (TensorRT EP > CUDA EP > CPU EP, the best available unless
-`device` says otherwise); `.engine`/`.plan` files are plain TensorRT engines run natively.
+`.onnx` files run on ONNX Runtime or OpenVINO. `device="auto"` picks ONNX Runtime's TensorRT EP
+or CUDA EP when onnxruntime has one, else OpenVINO when it is installed (the fastest CPU backend
+on Intel CPUs), else ONNX Runtime's CPU EP; `device` may insist on one. `.engine`/`.plan` files
+are plain TensorRT engines run natively.
 Every model must have its sidecar beside it (`model.onnx` -> `model.json`), and it must match.
 A release folder holding exactly one model (and its sidecar) stands for that model.
 """
@@ -29,7 +31,7 @@ from d3n.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda", "tensorrt", "openvino")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 MODEL_SUFFIXES = (".onnx", *ENGINE_SUFFIXES)
 
@@ -155,17 +157,18 @@ def open_backend(model_path: str | Path, device: str = "auto", **options) -> Bac
     """Load `model_path` (a model file, or a release folder holding one) with its checked
     sidecar on the best backend for `device`.
 
-    device: "auto" (best available), "cpu", "cuda" or "tensorrt". ONNX files go to ONNX Runtime;
-    engine files to native TensorRT (GPU only). Options are passed to the backend (ONNX Runtime:
-    `trt_cache_dir`, `intra_op_threads`). Raises ArtifactError for a missing/corrupt model or a
-    sidecar that does not match, ConfigError for an unavailable device.
+    device: "auto" (best available, see `onnx_device`), "cpu", "cuda", "tensorrt" (ONNX Runtime)
+    or "openvino". Engine files go to native TensorRT (GPU only). Options are passed to the
+    backend (both: `intra_op_threads`; ONNX Runtime: `trt_cache_dir`; OpenVINO:
+    `inference_precision`). Raises ArtifactError for a missing/corrupt model or a sidecar that
+    does not match, ConfigError for an unavailable device.
     """
     if device not in DEVICES:
         raise ConfigError(f"--device: '{device}' is not one of {', '.join(DEVICES)}")
     model_path = resolve_model(model_path)
     sc = sidecar_mod.load(model_path)  # missing model / sidecar / hash mismatch -> ArtifactError
     if model_path.suffix.lower() in ENGINE_SUFFIXES:
-        if device == "cpu" or device == "cuda":
+        if device in ("cpu", "cuda", "openvino"):
             raise ConfigError(f"{model_path}: a TensorRT engine runs only with --device tensorrt "
                               f"or auto, not '{device}' (use the ONNX model for {device})")
         from d3n.runtime.trt_backend import TensorRTBackend
@@ -174,6 +177,34 @@ def open_backend(model_path: str | Path, device: str = "auto", **options) -> Bac
     if model_path.suffix.lower() != ".onnx":
         raise ArtifactError(f"{model_path}: unknown model type '{model_path.suffix}' "
                             f"(expected .onnx or {'/'.join(ENGINE_SUFFIXES)})")
+    device = onnx_device(device)
+    if device == "openvino":
+        from d3n.runtime.openvino_backend import OpenVINOBackend
+
+        return OpenVINOBackend(model_path, sc, **options)
     from d3n.runtime.ort_backend import OrtBackend
 
     return OrtBackend(model_path, sc, device=device, **options)
+
+
+def onnx_device(device: str) -> str:
+    """The device an ONNX model runs on. "auto": ONNX Runtime's TensorRT EP or CUDA EP when
+    onnxruntime has one (a GPU beats any CPU backend), else OpenVINO when it imports, else ONNX
+    Runtime's CPU EP. The choice is logged, so a run says which backend it got and why."""
+    if device != "auto":
+        return device
+    import onnxruntime as ort
+
+    from d3n.runtime.openvino_backend import openvino_available
+    from d3n.runtime.ort_backend import choose_device
+
+    best = choose_device("auto", ort.get_available_providers())
+    if best != "cpu":
+        log.info("--device auto: onnxruntime %s (a GPU execution provider is installed)", best)
+        return best
+    if openvino_available():
+        log.info("--device auto: OpenVINO on the CPU (no GPU execution provider in onnxruntime; "
+                 "openvino is installed)")
+        return "openvino"
+    log.info("--device auto: onnxruntime CPU (no GPU execution provider, openvino not installed)")
+    return "cpu"

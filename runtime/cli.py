@@ -63,7 +63,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-det", type=int, default=300, help="detections kept per frame (default 300)")
     p.add_argument("--class-conf", default=None, metavar="NAME=T,...", help="per-class score thresholds")
     p.add_argument("--roi", default=None, metavar="MASK", help="mask image; detections centred outside it are dropped")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt", "openvino"),
+                   help="auto (default): onnxruntime's TensorRT/CUDA EP if installed, else OpenVINO "
+                        "if installed, else onnxruntime CPU; cpu|cuda|tensorrt: that onnxruntime "
+                        "provider; openvino: OpenVINO on the CPU (d3n[openvino]). An unavailable "
+                        "device is an error, never a silent fallback")
     p.add_argument("--max-fps", type=float, default=None,
                    help="process at most this many frames per second of each source")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
@@ -73,7 +77,8 @@ def register(subparsers) -> None:
                    help="frames per inference (default: the number of sources; never more than "
                         "the model's max batch)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="ONNX Runtime intra-op threads (default: every core this process may use)")
+                   help="inference threads, ONNX Runtime's intra-op pool or OpenVINO's "
+                        "(default: every core this process may use)")
     p.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     p.add_argument("--max-reconnects", type=int, default=None,

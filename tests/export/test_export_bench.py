@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -18,6 +19,8 @@ def test_bench_side_by_side(tiny_ckpt, synth_small, tmp_path, capsys):
     rows = {(row["backend"].split(" ")[0], row["model"]) for row in r["model_only"]}
     assert {("onnxruntime-cpu", "model.onnx"), ("onnxruntime-cpu", "model.int8.onnx"),
             ("torch-eager-cpu", "tiny.pt")} <= rows
+    if importlib.util.find_spec("openvino"):  # OpenVINO rows on the same two files, when installed
+        assert {("openvino-cpu", "model.onnx"), ("openvino-cpu", "model.int8.onnx")} <= rows
     for row in r["model_only"]:
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["fps"] > 0
     e2e = r["end_to_end"]
