@@ -22,6 +22,9 @@ Live sources are reopened with backoff forever unless --max-reconnects is given.
 --watch polls --model (a model file or a release folder) and swaps in a new model between two
 frames once it has been copied completely, matches its sidecar, has the same class names and
 passes a warm-up inference; a bad one is refused and logged, and the running model carries on.
+--view-port P serves a live view on 127.0.0.1:P (--view-host to change): a page with each
+source's annotated stream (MJPEG, --view-fps frames/s), its FPS, latency and per-class counts,
+and the model's file and sha256. Viewers never slow the pipeline: they skip frames instead.
 Exit status: 0 on a normal end (file sources finished, --max-frames/--duration reached, Ctrl-C
 or SIGTERM); 1 when the model/sidecar/source/sink is bad, a source could not be (re)opened within
 --max-reconnects, or a sink failed during the run.
@@ -85,6 +88,13 @@ def register(subparsers) -> None:
                    help="give up after N consecutive failed (re)open attempts (default: retry forever)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /health and /metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for the metrics server (default 127.0.0.1)")
+    p.add_argument("--view-port", type=int, default=None, metavar="P",
+                   help="serve a live view page (annotated streams, FPS, latency, per-class "
+                        "counts, model) on this port")
+    p.add_argument("--view-host", default=None,
+                   help="address for the live view (default 127.0.0.1; 0.0.0.0 exposes camera images)")
+    p.add_argument("--view-fps", type=float, default=None, metavar="F",
+                   help="annotated frames per second sent to each viewer (default 5, at most 30)")
     p.add_argument("--video-fps", type=float, default=25.0, help="frame rate of a video sink (default 25)")
     p.add_argument("--status-every", type=float, default=10.0, metavar="S",
                    help="log a progress/status line every S seconds (0: never; default 10)")
@@ -106,9 +116,13 @@ def _cmd_run(args) -> int:
     from d3n.errors import ConfigError
     from d3n.runtime.pipeline import run_pipeline
     from d3n.runtime.sources import source_entries
+    from d3n.runtime.view import VIEW_FPS
 
     if args.watch_interval is not None and not args.watch:
         raise ConfigError("--watch-interval needs --watch")
+    for flag, value in (("--view-host", args.view_host), ("--view-fps", args.view_fps)):
+        if value is not None and args.view_port is None:
+            raise ConfigError(f"{flag} needs --view-port")
     sources = source_entries(args.source, args.sources)  # names checked before the model loads
     log = logging.getLogger("d3n.run")
     stop = threading.Event()
@@ -130,7 +144,9 @@ def _cmd_run(args) -> int:
             metrics_port=args.metrics_port, metrics_host=args.metrics_host, stop_event=stop,
             video_fps=args.video_fps, status_every=args.status_every, watch=args.watch,
             watch_interval=2.0 if args.watch_interval is None else args.watch_interval,
-            batch_wait=args.batch_wait_ms / 1000.0, max_batch=args.max_batch, threads=args.threads)
+            batch_wait=args.batch_wait_ms / 1000.0, max_batch=args.max_batch, threads=args.threads,
+            view_port=args.view_port, view_host=args.view_host or "127.0.0.1",
+            view_fps=VIEW_FPS if args.view_fps is None else args.view_fps)
     finally:
         for sig, handler in previous.items():  # in-process callers get their handlers back
             signal.signal(sig, handler)

@@ -22,14 +22,19 @@ returns a dict: frames, fps (recent window), mean_fps (whole run), latency_ms pe
 ({"p50", "p99"}), frames_dropped, source_drops, reconnects, corrupt_frames, sink_failures,
 backend, model ({"file", "sha256"} of the last model), model_swaps ({"ok", "refused"}),
 batches ({"count", "frames", "mean_size", "sizes"}), sources (per source: state, reason,
-counters), source (the name, or the list of names), source_error, failed_sinks, stopped_by.
+counters), source (the name, or the list of names), source_error, failed_sinks, stopped_by,
+metrics_port and view_port (None when not served).
+
+With `view_port` the post stage also hands each result to the live view (view.py): a reference
+and its counts, nothing more; drawing and JPEG encoding happen in the view's own thread.
 
 With `watch=True` the model path is polled and a new model is swapped in between two batches
 (see swap.py): each queued batch carries the model it was prepared for.
 
-Start-up order: source check, model and metrics port first, then warm-up, then the sources are
-opened, and only then (once one has opened) are the sinks created: a run that cannot start (bad
-model, source or option, busy port, sources that never open) leaves no empty output file behind.
+Start-up order: source check, model, metrics and view ports first, then warm-up, then the
+sources are opened, and only then (once one has opened) are the sinks created: a run that cannot
+start (bad model, source or option, busy port, sources that never open) leaves no empty output
+file behind.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from d3n.runtime.sinks import Result, Sink, SinkSet, parse_sink
 from d3n.runtime.sources import Source, SourceEntry, source_entries
 from d3n.runtime.stats import Stats
 from d3n.runtime.swap import Model, ModelSlot, ModelWatcher
+from d3n.runtime.view import VIEW_FPS, ViewServer, check_view_fps
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +112,7 @@ class _Runner:
         self.errors: list[BaseException] = []
         self.stopped_by = "end of source"
         self.phase = "warming up the model"  # what /health says before the first frame
+        self.view: ViewServer | None = None  # the live view, fed after the sinks
 
     def batch_cap(self, model: Model) -> int:
         """Frames per inference on `model`: --max-batch (default: the number of sources), no
@@ -248,6 +255,8 @@ class _Runner:
         self.sinks.write(result)
         self.stats.observe("sinks", time.monotonic() - t1)
         self.stats.frame_done(len(det), frame.source_id)
+        if self.view is not None:  # after the sinks: what it counts is already in the JSONL
+            self.view.offer(result)
         if self.on_result is not None:
             self.on_result(result)
         if self.sinks.all_failed:
@@ -266,7 +275,9 @@ def run_pipeline(model: str | Path | Backend, source, sinks=(), *,
                  stats: Stats | None = None, video_fps: float = 25.0,
                  status_every: float = 60.0, watch: bool = False,
                  watch_interval: float = 2.0, batch_wait: float = 0.005,
-                 max_batch: int | None = None, threads: int | None = None) -> dict:
+                 max_batch: int | None = None, threads: int | None = None,
+                 view_port: int | None = None, view_host: str = "127.0.0.1",
+                 view_fps: float = VIEW_FPS) -> dict:
     """Run `model` on `source` until the sources end, `max_frames`/`duration` is reached or
     `stop_event` is set; returns the run's stats (see module docstring).
 
@@ -283,9 +294,13 @@ def run_pipeline(model: str | Path | Backend, source, sinks=(), *,
     batch_wait: seconds a batch waits for more sources once it holds a frame. max_batch: frames
     per inference (default: the number of sources; never more than the model takes).
     threads: ONNX Runtime intra-op threads (default: every core this process may use).
+    view_port: serve the live view (view.py) on view_host:port (0: any free port), sending at
+    most `view_fps` annotated frames per second to each viewer.
     Raises D3NError subclasses for bad models, sidecars, sources, sinks and options.
     """
     _check_options(conf, iou, max_fps, watch, watch_interval, batch_wait, max_batch, threads)
+    if view_port is not None:
+        check_view_fps(view_fps)
     threads = threads or available_cores()
     stats = stats or Stats()
     stop_event = stop_event or threading.Event()
@@ -299,7 +314,7 @@ def run_pipeline(model: str | Path | Backend, source, sinks=(), *,
     backend = open_backend(model, device, intra_op_threads=threads) if owns_backend else model
     slot = ModelSlot(Model(backend, owned=owns_backend), stats)
     sink_set = SinkSet([], stats)
-    server = runner = None
+    server = runner = view = None
     try:
         class_ids = resolve_class_conf(class_conf, list(backend.sidecar.names))
         roi_mask = RoiMask.load(roi) if isinstance(roi, (str, Path)) else roi
@@ -311,6 +326,10 @@ def run_pipeline(model: str | Path | Backend, source, sinks=(), *,
             server = MetricsServer(stats, metrics_host, metrics_port, state=runner.health_state,
                                    stale_after=stale_after(max_fps),
                                    sources=runner.source_report).start()
+        if view_port is not None:  # bound before any output too
+            view = runner.view = ViewServer(stats, [s.source_id for s in srcs], slot.active.names,
+                                            host=view_host, port=view_port, fps=view_fps,
+                                            report=runner.source_report).start()
         _log_batching(runner, slot.active, batch_wait)
         if warmup:
             backend.warmup(warmup)
@@ -341,10 +360,12 @@ def run_pipeline(model: str | Path | Backend, source, sinks=(), *,
         sink_set.close()
         if server is not None:
             server.stop()
+        if view is not None:
+            view.stop()
         slot.close()  # every model still open (not a Backend the caller passed in)
     if runner.errors:
         raise runner.errors[0]
-    return _summary(runner, slot, sink_set, server)
+    return _summary(runner, slot, sink_set, server, view)
 
 
 def _check_options(conf, iou, max_fps, watch, watch_interval, batch_wait, max_batch, threads) -> None:
@@ -400,7 +421,7 @@ def _log_batching(runner: _Runner, model: Model, batch_wait: float) -> None:
                  n, why)
 
 
-def _summary(runner: _Runner, slot: ModelSlot, sink_set: SinkSet, server) -> dict:
+def _summary(runner: _Runner, slot: ModelSlot, sink_set: SinkSet, server, view) -> dict:
     stats, srcs = runner.stats, runner.sources
     out = stats.summary()
     errors = [s.error for s in srcs if s.error]
@@ -409,7 +430,7 @@ def _summary(runner: _Runner, slot: ModelSlot, sink_set: SinkSet, server) -> dic
                source=srcs[0].source_id if len(srcs) == 1 else [s.source_id for s in srcs],
                source_error="; ".join(errors) or None,
                failed_sinks=dict(sink_set.failed), stopped_by=runner.stopped_by,
-               metrics_port=server.port if server else None)
+               metrics_port=server.port if server else None, view_port=view.port if view else None)
     log.info("run finished (%s): %d frames, %.1f FPS, e2e p50 %.1f ms, mean batch %.2f",
              runner.stopped_by, out["frames"], out["mean_fps"],
              out["latency_ms"]["end_to_end"]["p50"], out["batches"]["mean_size"])
