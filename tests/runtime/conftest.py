@@ -123,3 +123,22 @@ sys.meta_path.insert(0, _Block(NAMES))
 
 def python_with_blocked(names: list[str], code: str) -> list[str]:
     return [sys.executable, "-c", BLOCK_IMPORTS.replace("NAMES", repr(list(names))) + code]
+
+
+@pytest.fixture(scope="session")
+def dyn_onnx(tiny_onnx, tmp_path_factory) -> Path:
+    """The tiny model exported again with a dynamic batch axis, sidecar `batch: dynamic`."""
+    from d3n import sidecar as sidecar_mod
+    from d3n.artifacts import sha256_file
+    from d3n.offline import ultralytics
+
+    folder = tmp_path_factory.mktemp("dynamic")
+    ckpt = folder / "tiny_dyn.pt"
+    shutil.copy(tiny_onnx.with_suffix(".pt"), ckpt)
+    path = Path(ultralytics().YOLO(str(ckpt)).export(format="onnx", imgsz=IMGSZ, opset=17, simplify=True,
+                                                      dynamic=True, verbose=False))
+    sc = sidecar_mod.load(tiny_onnx)
+    output = sc.output.model_copy(update={"shape": ["dynamic", *sc.output.shape[1:]]})
+    sidecar_mod.save(sc.model_copy(update={"model_file": path.name, "model_sha256": sha256_file(path),
+                                           "batch": "dynamic", "output": output}), path)
+    return path

@@ -23,8 +23,6 @@ import numpy as np
 import pytest
 from conftest import IMGSZ, NAMES, free_port, write_video
 
-from d3n import sidecar as sidecar_mod
-from d3n.artifacts import sha256_file
 from d3n.cli import main
 from d3n.errors import ConfigError, DataError
 from d3n.runtime.backends import open_backend
@@ -36,23 +34,6 @@ from d3n.runtime.sources import Source, SourceSpec, read_sources_file, source_en
 from d3n.runtime.stats import Stats
 
 LENGTHS = {"cam1": 12, "cam2": 20, "src2": 31}  # frames of each file source, all different
-
-
-@pytest.fixture(scope="module")
-def dyn_onnx(tiny_onnx, tmp_path_factory) -> Path:
-    """The tiny model exported again with a dynamic batch axis, sidecar `batch: dynamic`."""
-    from d3n.offline import ultralytics
-
-    folder = tmp_path_factory.mktemp("dynamic")
-    ckpt = folder / "tiny_dyn.pt"
-    shutil.copy(tiny_onnx.with_suffix(".pt"), ckpt)
-    path = Path(ultralytics().YOLO(str(ckpt)).export(format="onnx", imgsz=IMGSZ, opset=17, simplify=True,
-                                                      dynamic=True, verbose=False))
-    sc = sidecar_mod.load(tiny_onnx)
-    output = sc.output.model_copy(update={"shape": ["dynamic", *sc.output.shape[1:]]})
-    sidecar_mod.save(sc.model_copy(update={"model_file": path.name, "model_sha256": sha256_file(path),
-                                           "batch": "dynamic", "output": output}), path)
-    return path
 
 
 @pytest.fixture(scope="module")

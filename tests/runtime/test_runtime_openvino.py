@@ -51,25 +51,6 @@ def frames_blob(n: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def dyn_onnx(tiny_onnx, tmp_path_factory) -> Path:
-    """The tiny model exported again with a dynamic batch axis, sidecar `batch: dynamic`."""
-    import shutil
-
-    from d3n.offline import ultralytics
-
-    folder = tmp_path_factory.mktemp("ov_dynamic")
-    ckpt = folder / "tiny_dyn.pt"
-    shutil.copy(tiny_onnx.with_suffix(".pt"), ckpt)
-    path = Path(ultralytics().YOLO(str(ckpt)).export(format="onnx", imgsz=IMGSZ, opset=17, simplify=True,
-                                                      dynamic=True, verbose=False))
-    sc = sidecar_mod.load(tiny_onnx)
-    output = sc.output.model_copy(update={"shape": ["dynamic", *sc.output.shape[1:]]})
-    sidecar_mod.save(sc.model_copy(update={"model_file": path.name, "model_sha256": sha256_file(path),
-                                           "batch": "dynamic", "output": output}), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def int8_onnx(tiny_onnx, tmp_path_factory) -> Path:
     """The tiny model quantized by d3n's own `onnx-int8` step (ORT Q/DQ, stem and decode float),
     calibrated on a few letterboxed frames, with an INT8 sidecar."""
