@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from d3n import __version__
+from d3n.distributed import check_writer
 from d3n.errors import ArtifactError
 
 MANIFEST = "manifest.json"
@@ -37,6 +38,7 @@ CONFIG = "config.yaml"
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
+    check_writer(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -54,6 +56,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a hidden temporary folder beside `path`; it replaces `path` only if the block succeeds,
     so a killed import or generation never leaves a half-written dataset that looks finished."""
     path = Path(path)
+    check_writer(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

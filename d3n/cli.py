@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
-from d3n import __version__
+from d3n import __version__, distributed
 from d3n.errors import D3NError
 
 # Modules that add subcommands. A module missing from an install (e.g. a trimmed edge image)
@@ -49,10 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # under torchrun (several processes): ranks other than 0 log warnings only; join the group
+    main_rank = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.INFO if main_rank else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    distributed.init_from_env()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("d3n: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return int(rc or 0)
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
+from d3n import distributed
 from d3n.artifacts import MANIFEST, read_json, write_json
 from d3n.config import StrictModel, load_yaml, validate
 from d3n.data.stage import Config as DataSpec  # the data stage's config is the `data:` section
@@ -149,6 +150,8 @@ class Pipeline:
         for stage in STAGES:
             if stage.name in wanted:
                 self._run_stage(stage)
+        if not distributed.world().main:
+            return {}
         from d3n.report import write_report
 
         return write_report(self.out, self.timings, self.status)
@@ -160,29 +163,43 @@ class Pipeline:
         key = stage_key(stage, config, self.out, inputs)
         state_file = d / STATE
         state = read_json(state_file) if state_file.exists() else {}
+        src = None
         if state.get("key") == key and (d / MANIFEST).exists():
+            decision = "skip"
+        elif self.share is not None and (src := self.share.lookup(key)) is not None:
+            decision = "share"
+        else:
+            decision = "resume" if state.get("key") == key and d.exists() else "run"
+        # under torchrun: rank 0's decision for every rank, taken before anyone changes the folder
+        decision = distributed.broadcast(decision)
+        main = distributed.world().main
+        if decision == "skip":
             self.status[stage.name] = "skipped (up to date)"
             log.info("stage %s: up to date, skipped", stage.name)
             return
-        if self.share is not None and (src := self.share.lookup(key)) is not None:
-            if d.exists():
-                shutil.rmtree(d)
-            self.share.copy(src, d)
-            self.status[stage.name] = f"shared ({src.parent.name})"
-            write_json(state_file, {"key": key, "made": self.status[stage.name]})
-            log.info("stage %s: same key as %s, shared", stage.name, src)
+        if decision == "share":
+            self.status[stage.name] = f"shared ({src.parent.name})" if src is not None else "shared"
+            if main:
+                if d.exists():
+                    shutil.rmtree(d)
+                self.share.copy(src, d)
+                write_json(state_file, {"key": key, "made": self.status[stage.name]})
+                log.info("stage %s: same key as %s, shared", stage.name, src)
+            distributed.barrier()
             return
-        if state.get("key") != key and d.exists():
-            log.info("stage %s: inputs or config changed, starting afresh", stage.name)
-            shutil.rmtree(d)
-        resumed = d.exists()
-        d.mkdir(parents=True, exist_ok=True)
-        write_json(state_file, {"key": key})
-        print(f"\n== {stage.name}{' (resuming)' if resumed else ''} ==", flush=True)
+        if main:
+            if decision == "run" and d.exists():
+                log.info("stage %s: inputs or config changed, starting afresh", stage.name)
+                shutil.rmtree(d)
+            d.mkdir(parents=True, exist_ok=True)
+            write_json(state_file, {"key": key})
+            print(f"\n== {stage.name}{' (resuming)' if decision == 'resume' else ''} ==", flush=True)
+        distributed.barrier()
         t0 = time.time()
         execute(stage, config, inputs, d)
         self.timings[stage.name] = round(time.time() - t0, 1)
-        self.status[stage.name] = "resumed" if resumed else "ran"
-        write_json(state_file, {"key": key, "made": self.status[stage.name]})  # how this folder came to be
-        if self.share is not None:
-            self.share.add(key, d)
+        self.status[stage.name] = "resumed" if decision == "resume" else "ran"
+        if main:
+            write_json(state_file, {"key": key, "made": self.status[stage.name]})  # how this folder came to be
+            if self.share is not None:
+                self.share.add(key, d)

@@ -13,7 +13,9 @@ A stage is one module that defines
 - optionally `wants(config, inputs) -> set[str]`: the optional inputs this run reads (a baseline to
   start from, a test split's repository), so an unused one neither is required nor enters the key;
 - optionally `OWN_MANIFEST = True`: its run writes `config.yaml` and a complete manifest itself
-  (the resumable stage-1 tools, which check their own with `is_complete` to resume or skip).
+  (the resumable stage-1 tools, which check their own with `is_complete` to resume or skip);
+- optionally `DISTRIBUTED = True`: under torchrun every rank runs it (a training loop that splits
+  its batches across them, rank 0 writing); any other stage runs on rank 0 while the others wait.
 
 The registry (`d3n/stages.py`) lists the stages in chain order with the artifacts each reads
 (`Input`: another stage's file or folder) and writes. `d3n pipeline`, the per-stage commands and
@@ -94,7 +96,21 @@ def stage_key(stage: Stage, config: Any, root: Path, inputs: dict[str, Path]) ->
 
 
 def execute(stage: Stage, config: Any, inputs: dict[str, Path], out: Path) -> dict:
-    """Run one stage into `out`: its resolved config, the run, the manifest written last."""
+    """Run one stage into `out`: its resolved config, the run, the manifest written last. Under
+    torchrun, all ranks return together and only rank 0 writes (d3n.distributed)."""
+    from d3n import distributed
+
+    w = distributed.world()
+    if not w.distributed:
+        return _execute(stage, config, inputs, out)
+    every_rank = getattr(stage.impl(), "DISTRIBUTED", False)
+    # a failure on one rank ends them all (torchrun stops the group), so no barrier on the way out
+    metrics = _execute(stage, config, inputs, out, write=w.main) if every_rank or w.main else None
+    distributed.barrier()  # the others wait here for rank 0's single-process stage
+    return metrics if every_rank else distributed.broadcast(metrics)
+
+
+def _execute(stage: Stage, config: Any, inputs: dict[str, Path], out: Path, write: bool = True) -> dict:
     missing = [f"{name} ({path})" for name, path in inputs.items() if not Path(path).exists()]
     if missing:
         raise ArtifactError(f"stage '{stage.name}': input(s) not found: {', '.join(missing)}")
@@ -105,9 +121,11 @@ def execute(stage: Stage, config: Any, inputs: dict[str, Path], out: Path) -> di
     writes = list(impl.writes(config)) if hasattr(impl, "writes") else list(stage.writes)
     if getattr(impl, "OWN_MANIFEST", False):
         metrics = impl.run(config, inputs, out)
-        if not is_complete(out):
+        if write and not is_complete(out):
             raise ArtifactError(f"{out}: stage '{stage.name}' finished without a complete {MANIFEST}")
         return metrics
+    if not write:  # a rank other than 0 of a distributed stage: it trains, rank 0 writes
+        return impl.run(config, inputs, out)
     write_yaml(out / CONFIG, config)
     manifest = Manifest(out, stage.name, {k: str(v) for k, v in inputs.items()}, identity(config, mode="json"))
     with manifest.timed("run"):

@@ -14,10 +14,12 @@ from typing import Literal
 
 import torch
 
+from d3n import distributed
 from d3n.artifacts import METRICS, read_json, sha256_file, write_json
 from d3n.config import StrictModel, identity
 from d3n.data.layout import DatasetLayout
 from d3n.distill.loss import DistillConfig, DistillLoss
+from d3n.distributed import unwrap
 from d3n.errors import ArtifactError
 from d3n.train.detector import model as detector
 from d3n.train.detector.baseline import finish, train_args
@@ -26,6 +28,8 @@ from d3n.train.detector.profile import complexity
 from d3n.train.device import resolve_device
 from d3n.train.teacher.features import FeatureProvider
 from d3n.train.teacher.model import FusionTeacher
+
+DISTRIBUTED = True  # under torchrun every rank trains (d3n.distributed)
 
 
 class Config(StrictModel):
@@ -65,7 +69,7 @@ class DistillTask:
 
     def loss(self, model, batch):
         preds = model(batch["img"])
-        gt, items = model.loss(batch, preds)
+        gt, items = unwrap(model).loss(batch, preds)
         self.teacher.eval()  # never let BatchNorm statistics drift
         with torch.no_grad():
             if self.features is None:  # a plain detector as the teacher (self-distillation control)
@@ -122,6 +126,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     task = DistillTask(student, teacher, features, cfg.train.imgsz, DistillLoss(cfg.distill), args,
                         {"config": identity(cfg, mode="json"), "teacher": sha256_file(teacher_ckpt)})
     best = train(task, cfg.train, layout.root, out, list(layout.names))
+    if not distributed.world().main:  # rank 0 writes the run's files
+        return {}
     metrics = finish(out, best, student, cfg.train, "student")
     metrics.update(same_size_check(student, layout, cfg.train.imgsz))
     metrics["teacher"] = _teacher_summary(teacher_ckpt)

@@ -49,3 +49,11 @@ def micro_pipeline(tmp_path_factory):
     cfg.write_text(yaml.safe_dump({**MICRO, "out": str(root / "run")}))
     assert main(["pipeline", str(cfg)]) == 0
     return cfg, root / "run"
+
+
+@pytest.fixture(scope="session")
+def micro_config() -> dict:
+    """The micro chain's pipeline config (what `micro_pipeline` ran), for tests that run it another way."""
+    import copy
+
+    return copy.deepcopy(MICRO)

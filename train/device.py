@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import AfterValidator, Field
 
+from d3n import distributed
 from d3n.config import PLACEMENT
 from d3n.errors import ConfigError
 
@@ -38,8 +39,11 @@ def resolve_device(name: str) -> torch.device:
     except ValueError as exc:
         raise ConfigError(f"device: {exc}") from None
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
+    w = distributed.world()
+    if dev.type == "cuda" and dev.index is None and w.distributed:  # under torchrun: this rank's GPU
+        dev = torch.device("cuda", w.local_rank)
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:

@@ -8,6 +8,7 @@ from d3n.train.ddpm.train import DDPMTrainConfig as Config
 from d3n.train.ddpm.train import train_ddpm
 
 OWN_MANIFEST = True  # train_ddpm resumes from its checkpoint and skips a finished run itself
+DISTRIBUTED = True  # under torchrun every rank trains its share of each batch
 
 
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:

@@ -11,6 +11,12 @@ With `--device cuda` the model, optimizer and EMA live on the GPU, but the noise
 are still drawn from a CPU generator (one random stream whatever the device) and checkpoints are
 saved from CPU copies, so they load anywhere. The device is not part of the run's identity: a
 run started on CPU can be resumed on GPU.
+
+Under torchrun each of N ranks takes every N-th image of each step's batch (and the matching noise
+and timesteps, drawn whole as above) and DistributedDataParallel averages the gradients: with
+equal shares that is the gradient of the single-process step, so N processes train the same model
+as one (up to float summation order), and a checkpoint resumes with any number of them. Rank 0
+writes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from d3n import distributed
 from d3n.artifacts import CONFIG, METRICS, Manifest, is_complete, read_json, save_with, write_json, write_yaml
 from d3n.config import StrictModel, identity
 from d3n.data.layout import DatasetLayout
@@ -83,6 +90,10 @@ class Trainer:
         self.device = torch.device(device)
         # initialised on the CPU (same weights for a given seed on any device), then moved
         self.unet = build_unet(unet_config(cfg.preset, cfg.size)).to(self.device)
+        self.world = distributed.world()
+        if cfg.batch % self.world.size:
+            raise ConfigError(f"batch {cfg.batch} is split among {self.world.size} processes: it must divide evenly")
+        self.net = self.unet if not self.world.distributed else torch.nn.parallel.DistributedDataParallel(self.unet)
         self.scheduler = build_scheduler()
         self.opt = torch.optim.Adam(self.unet.parameters(), lr=cfg.lr)
         self.lrs = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total, eta_min=cfg.lr_min)
@@ -97,9 +108,10 @@ class Trainer:
         # drawn on the CPU generator (checkpointed), then moved: the same stream on any device
         noise = torch.randn(x0.shape, generator=self.gen)
         t = torch.randint(0, T_STEPS, (x0.shape[0],), generator=self.gen)
-        x0, noise, t = x0.to(self.device), noise.to(self.device), t.to(self.device)
+        share = slice(self.world.rank, None, self.world.size)  # this rank's part of the batch
+        x0, noise, t = x0[share].to(self.device), noise[share].to(self.device), t[share].to(self.device)
         xt = self.scheduler.add_noise(x0, noise, t)
-        loss = F.mse_loss(self.unet(xt, t).sample, noise)
+        loss = F.mse_loss(self.net(xt, t).sample, noise)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -107,6 +119,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.unet)
         self.step += 1
+        if self.world.distributed:  # the batch's loss, as one process would have logged it
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= self.world.size
         self.losses.append(float(loss.detach()))
         return self.losses[-1]
 
@@ -145,8 +161,10 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, progress: bool = True) -> 
     paths = data.images(cfg.split)
     if not paths:
         raise ConfigError(f"{data.yaml_path}: split '{cfg.split}' has no images")
-    out.mkdir(parents=True, exist_ok=True)
-    write_yaml(out / CONFIG, cfg.model_dump())
+    main = distributed.world().main  # under torchrun rank 0 writes; every rank trains
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_yaml(out / CONFIG, cfg.model_dump())
     manifest = Manifest(out, "ddpm", inputs={"data_yaml": data.yaml_path}, config=identity(cfg))
     images = load_images(paths, cfg.size)
     total = total_steps(cfg, len(paths))
@@ -154,13 +172,15 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, progress: bool = True) -> 
     if (out / CHECKPOINT).exists():
         trainer.resume(out / CHECKPOINT)
     with manifest.timed("train"), tqdm(total=total, initial=trainer.step, desc="ddpm train",
-                                       disable=not progress) as bar:
+                                       disable=not (progress and main)) as bar:
         while trainer.step < total:
             loss = trainer.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
-            if trainer.step % cfg.ckpt_every == 0 or trainer.step == total:
+            if main and (trainer.step % cfg.ckpt_every == 0 or trainer.step == total):
                 trainer.save(out / CHECKPOINT)
+    if not main:
+        return {"steps": trainer.step}
     config = {"preset": cfg.preset, "unet": unet_config(cfg.preset, cfg.size), "T": T_STEPS,
               "data_yaml": str(data.yaml_path.resolve()), "split": cfg.split, "ema": cfg.ema > 0}
     save_with(out / WEIGHTS, lambda p: torch.save({"config": config, "state_dict": trainer.final_weights()}, p))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from d3n import distributed
 from d3n.artifacts import METRICS, write_json
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
@@ -11,6 +12,8 @@ from d3n.train.detector import model as detector
 from d3n.train.detector.loop import TrainConfig, summary, train, weights_key
 from d3n.train.detector.plots import plot_history, plot_per_class
 from d3n.train.detector.profile import complexity
+
+DISTRIBUTED = True  # under torchrun every rank trains (d3n.distributed)
 
 
 class Config(StrictModel):
@@ -32,6 +35,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         detector.weights_from(cfg.train.weights, model)
     best = train(detector.DetectorTask(model, train_args(layout, cfg.train)), cfg.train, layout.root, out,
                  list(layout.names))
+    if not distributed.world().main:  # rank 0 writes the run's files
+        return {}
     return finish(out, best, model, cfg.train, "baseline")
 
 

@@ -5,10 +5,18 @@ save); the schedule, augmentation, optimiser, EMA and evaluation are shared, so 
 student trained with the same config and seed differ only by the teacher's terms. The recipe
 follows ultralytics' detection defaults (SGD/AdamW "auto", linear LR decay, warmup, EMA, mosaic
 closed for the last epochs, nominal batch 64).
+
+Under torchrun (d3n.distributed) the same loop runs on every rank: `batch` stays the effective
+batch of one optimiser step and is split evenly across the ranks (a DistributedSampler over the
+same seeded permutation, so the ranks' batches together are the single-process batch), gradients
+are averaged by DistributedDataParallel, and the loss is scaled by the world size as ultralytics
+does (its loss grows with the batch; the average would otherwise shrink the step). Rank 0
+evaluates and writes; a state saved with N processes resumes with M.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -19,9 +27,10 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from d3n import distributed
 from d3n.config import StrictModel, identity, placement
 from d3n.data.layout import DatasetLayout
 from d3n.train.checkpoint import EMA, load_state, rng_state, save_state, set_rng_state
@@ -128,14 +137,28 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, nc: int, iteration
     return opt, info
 
 
-def make_loaders(cfg: TrainConfig, data: Path):
+def per_rank_batch(cfg: TrainConfig, world: distributed.World) -> int:
+    if cfg.batch % world.size:
+        from d3n.errors import ConfigError
+
+        raise ConfigError(f"train.batch {cfg.batch} is the effective batch of all {world.size} processes "
+                          "together: it must divide evenly among them")
+    return cfg.batch // world.size
+
+
+def make_loaders(cfg: TrainConfig, data: Path, world: distributed.World = distributed.World()):
     """Train and val loaders, and a test loader when the dataset has a held-out test split (its
-    numbers are recorded for the checkpoint val chose, never used to choose)."""
+    numbers are recorded for the checkpoint val chose, never used to choose). Under torchrun the
+    train loader gives this rank its share of each batch."""
     train_ds = DetectionDataset(data, "train", cfg.imgsz, cfg.augment(), seed=cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
     kw = {"num_workers": cfg.workers, "collate_fn": collate, "worker_init_fn": seed_worker,
           "persistent_workers": cfg.workers > 0}
-    train = DataLoader(train_ds, batch_size=cfg.batch, shuffle=True, generator=g, drop_last=False, **kw)
+    if world.distributed:  # the permutation RandomSampler draws below, dealt out rank by rank
+        sampler = DistributedSampler(train_ds, world.size, world.rank, shuffle=True, seed=cfg.seed)
+        train = DataLoader(train_ds, batch_size=per_rank_batch(cfg, world), sampler=sampler, **kw)
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)
+        train = DataLoader(train_ds, batch_size=cfg.batch, shuffle=True, generator=g, drop_last=False, **kw)
     val = DataLoader(DetectionDataset(data, "val", cfg.imgsz), batch_size=cfg.batch, shuffle=False, **kw)
     layout = DatasetLayout.open(data)
     test = None
@@ -151,11 +174,13 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
     from d3n.offline import configure_ultralytics
 
     configure_ultralytics()
-    out.mkdir(parents=True, exist_ok=True)
+    world = distributed.world()
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model = task.model.to(device)
-    train_loader, val_loader, test_loader = make_loaders(cfg, data)
+    train_loader, val_loader, test_loader = make_loaders(cfg, data, world)
     nb = len(train_loader)
     accumulate = max(round(cfg.nbs / cfg.batch), 1)
     cfg_wd = cfg.weight_decay * cfg.batch * accumulate / cfg.nbs
@@ -163,6 +188,12 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
                                     math.ceil(len(train_loader.dataset) / max(cfg.batch, cfg.nbs)) * cfg.epochs)
     log.info("optimizer %s lr0 %g momentum %g (%s)", opt_info["name"], opt_info["lr0"], opt_info["momentum"],
              opt_info["from"])
+    if world.distributed:
+        opt_info["processes"] = world.size
+        opt_info["batch_per_process"] = per_rank_batch(cfg, world)
+        log.info("%d processes x batch %d = effective batch %d; %d optimiser steps per epoch at most, "
+                 "gradients accumulated to the nominal batch %d", world.size, opt_info["batch_per_process"],
+                 cfg.batch, nb, cfg.nbs)
     lr0 = opt_info["lr0"]
     lf = lambda e: (1 - e / cfg.epochs) * (1.0 - cfg.lrf) + cfg.lrf  # noqa: E731  linear decay
     for g in opt.param_groups:
@@ -172,6 +203,9 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
     nw = max(round(cfg.warmup_epochs * nb), 100) if cfg.warmup_epochs > 0 else -1
     run_identity = state_identity(task, cfg)
     start, best, history = _resume(out / STATE, run_identity, model, ema, opt, sched)
+    # the module that trains: the model itself, or its DDP wrapper (forward syncs the gradients)
+    net = model if not world.distributed else torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=getattr(task, "unused_parameters", False))
 
     for epoch in range(start, cfg.epochs):
         ds = train_loader.dataset
@@ -179,11 +213,14 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
             ds.aug.mosaic = 0.0
             log.info("closing mosaic for the last %d epochs", cfg.close_mosaic)
         ds.set_epoch(epoch)
-        train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffle order depends on the epoch only
+        if world.distributed:  # shuffle order depends on the epoch only
+            train_loader.sampler.set_epoch(epoch)
+        else:
+            train_loader.generator.manual_seed(cfg.seed + epoch)
         model.train()
-        t0, losses, last_step = time.time(), [], -1
+        t0, losses, last_step, steps = time.time(), [], -1, 0
         opt.zero_grad()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not world.main)
         for i, batch in enumerate(bar):
             ni = i + nb * epoch
             if ni <= nw:  # warmup: lr ramps up (bias from warmup_bias_lr), accumulation grows to nbs
@@ -193,19 +230,29 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
                     g["lr"] = np.interp(ni, [0, nw], [start_lr, g["initial_lr"] * lf(epoch)])
                     if "momentum" in g:
                         g["momentum"] = np.interp(ni, [0, nw], [cfg.warmup_momentum, cfg.momentum])
-            loss, items = task.loss(model, to_device(batch, device))
-            loss.backward()
-            if ni - last_step >= accumulate or i == nb - 1:
+            step = ni - last_step >= accumulate or i == nb - 1
+            # between optimiser steps the ranks need not exchange gradients (they accumulate locally)
+            with net.no_sync() if world.distributed and not step else contextlib.nullcontext():
+                loss, items = task.loss(net, to_device(batch, device))
+                (loss * world.size).backward()
+            if step:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
                 opt.step()
                 opt.zero_grad()
                 ema.update(model)
-                last_step = ni
+                last_step, steps = ni, steps + 1
             losses.append(items)
             bar.set_postfix({k: f"{v:.3f}" for k, v in items.items()})
         sched.step()
-        row = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "lr": opt.param_groups[0]["lr"]}
+        row = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2), "lr": opt.param_groups[0]["lr"],
+               "steps": steps}
         row.update({k: float(np.mean([x[k] for x in losses])) for k in losses[0]})
+        if on_epoch is not None:
+            row.update(on_epoch(model, epoch) or {})
+        if not world.main:  # rank 0 evaluates and writes; the others wait for it
+            history.append(row)
+            distributed.barrier()
+            continue
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             metrics = evaluate(lambda b: task.predict(ema.ema, to_device(b, device)), val_loader, names)
             row.update({k: metrics[k] for k in ("mAP50", "mAP50-95", "precision", "recall")})
@@ -215,14 +262,14 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
                     best["test"] = evaluate(lambda b: task.predict(ema.ema, to_device(b, device)), test_loader,
                                             names, desc="test")
                 task.save(ema.ema, out / "best.pt", best)
-        if on_epoch is not None:
-            row.update(on_epoch(model, epoch) or {})
         history.append(row)
         _write_results(out / "results.csv", history)
         _save_state(out / STATE, run_identity, epoch, model, ema, opt, sched, best, history)
         log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, {k: round(v, 4) if isinstance(v, float) else v
                                                            for k, v in row.items()})
-    task.save(ema.ema, out / "last.pt", best or {})
+        distributed.barrier()
+    if world.main:
+        task.save(ema.ema, out / "last.pt", best or {})
     return {**(best or {}), "history": history, "optimizer": opt_info}
 
 

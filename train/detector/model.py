@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from d3n.artifacts import load_torch, save_with
+from d3n.distributed import unwrap
 from d3n.errors import ArtifactError
 from d3n.offline import configure_ultralytics
 
@@ -97,7 +98,8 @@ class DetectorTask:
         self.train_args = train_args
 
     def loss(self, model, batch):
-        loss, items = model.loss(batch)  # items: {"box_loss": t, "cls_loss": t, "dfl_loss": t}
+        # the forward through `model` (a DDP wrapper under torchrun), the loss on the detector
+        loss, items = unwrap(model).loss(batch, model(batch["img"]))  # items: box/cls/dfl_loss
         return loss.sum(), {k.removesuffix("_loss"): float(v) for k, v in items.items()}
 
     def predict(self, model, batch):

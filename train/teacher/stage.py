@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from d3n import distributed
 from d3n.artifacts import METRICS, atomic_path, write_json
 from d3n.config import StrictModel, identity
 from d3n.data.layout import DatasetLayout
+from d3n.distributed import unwrap
 from d3n.errors import ArtifactError
 from d3n.train.detector import model as detector
 from d3n.train.detector.loop import TrainConfig, summary, train, weights_key
@@ -23,6 +25,8 @@ from d3n.train.device import resolve_device
 from d3n.train.teacher.features import FeatureProvider
 from d3n.train.teacher.fusion import FusionConfig
 from d3n.train.teacher.model import FusionTeacher, TeacherConfig
+
+DISTRIBUTED = True  # under torchrun every rank trains (d3n.distributed)
 
 
 class Config(StrictModel):
@@ -69,7 +73,7 @@ class TeacherTask:
     def loss(self, model, batch):
         ddpm = self.features(batch["pieces"], self.imgsz)
         preds = model(batch["img"], ddpm)
-        loss, items = model.loss(batch, preds)
+        loss, items = unwrap(model).loss(batch, preds)  # forward via the DDP wrapper, loss on the model
         return loss.sum(), {k.removesuffix("_loss"): float(v) for k, v in items.items()}
 
     def predict(self, model, batch):
@@ -107,6 +111,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
                 for name, w in zip(("cross", "det", "ddpm"), ws, strict=True)}
 
     best = train(task, cfg.train, layout.root, out, list(layout.names), on_epoch=log_branches)
+    if not distributed.world().main:  # rank 0 writes the run's files
+        return {}
     history = best.get("history", [])
     metrics = summary(best)
     metrics.update({"params": count_params(model), "detector_params": count_params(model.detector),
