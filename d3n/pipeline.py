@@ -6,11 +6,19 @@ when its folder holds a complete manifest and its key (`d3n.stage.stage_key`: it
 placement fields, plus the manifests of the stages it reads) is unchanged; a stage whose key
 matches but did not finish is re-entered in place and resumes from its own checkpoint; a stage
 whose key changed starts afresh.
+
+After `d3n data add` grew the dataset, a rerun brings the chain up to date incrementally (the
+`update:` section; `mode: full` retrains instead): a stage whose own config is unchanged and whose
+inputs changed only through the new images updates its finished run (`d3n.stage.update`): the
+DDPM is reused or fine-tuned, the repositories extended with the new images only, the compressor
+reused, the detectors fine-tuned from their previous weights. Every stage folder's `.pipeline.json`
+records the data version it saw and how it was made.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,10 +29,11 @@ from pydantic import model_validator
 from d3n import distributed
 from d3n.artifacts import MANIFEST, read_json, write_json
 from d3n.config import StrictModel, load_yaml, validate
+from d3n.data import versions
 from d3n.data.stage import Config as DataSpec  # the data stage's config is the `data:` section
 from d3n.distill.loss import DistillConfig
 from d3n.errors import ConfigError
-from d3n.stage import Stage, execute, stage_key
+from d3n.stage import Stage, execute, own_key, stage_key, update
 from d3n.stages import NAMES, STAGES
 from d3n.train.detector.loop import TrainConfig
 from d3n.train.device import Device
@@ -33,6 +42,7 @@ from d3n.train.teacher.fusion import FusionConfig
 log = logging.getLogger(__name__)
 
 STATE = ".pipeline.json"
+PREVIOUS = "previous.pt"  # a fine-tuned detector's starting point: the best.pt of the run before the update
 
 
 class DDPMSpec(StrictModel):
@@ -65,6 +75,16 @@ class DistillSpec(DistillConfig):
     teacher: Literal["teacher", "baseline"] = "teacher"  # baseline: the self-distillation control
 
 
+class UpdateSpec(StrictModel):
+    """How a rerun after `d3n data add` brings finished stages up to date; not part of any stage key."""
+
+    mode: Literal["incremental", "full"] = "incremental"  # full: rerun every affected stage from scratch
+    ddpm_steps: int = 0  # fine-tune the DDPM this many steps on the grown train split; 0: reuse it as is
+    refit_compressor: bool = False  # true: refit the compressor on the grown repository
+    detectors: Literal["finetune", "retrain"] = "finetune"  # baseline, teacher, student
+    epochs: int | None = None  # fine-tuning epochs (default: a quarter of train.epochs, at least 1)
+
+
 class ExportSpec(StrictModel):
     formats: list[Literal["onnx", "onnx-int8"]] = ["onnx"]
     imgsz: int | None = None  # default: the training imgsz
@@ -84,6 +104,7 @@ class PipelineConfig(StrictModel):
     teacher: TeacherSpec = TeacherSpec()
     distill: DistillSpec = DistillSpec()
     export: ExportSpec = ExportSpec()
+    update: UpdateSpec = UpdateSpec()
 
     @model_validator(mode="after")
     def _one_device_seed_and_weights(self):
@@ -160,14 +181,17 @@ class Pipeline:
         d, inputs = self.dir(stage.name), self.inputs(stage)
         config = stage.impl().from_pipeline(self.cfg, inputs)
         inputs = self.inputs(stage, stage.wanted(config, inputs))
-        key = stage_key(stage, config, self.out, inputs)
+        key, own = stage_key(stage, config, self.out, inputs), own_key(stage, config, self.out)
         state_file = d / STATE
         state = read_json(state_file) if state_file.exists() else {}
+        version = self.data_version()
         src = None
         if state.get("key") == key and (d / MANIFEST).exists():
             decision = "skip"
         elif self.share is not None and (src := self.share.lookup(key)) is not None:
             decision = "share"
+        elif state.get("updating") == key or (state.get("key") != key and self._can_update(stage, state, own, version)):
+            decision = "update"
         else:
             decision = "resume" if state.get("key") == key and d.exists() else "run"
         # under torchrun: rank 0's decision for every rank, taken before anyone changes the folder
@@ -187,7 +211,12 @@ class Pipeline:
                 log.info("stage %s: same key as %s, shared", stage.name, src)
             distributed.barrier()
             return
-        if main:
+        if decision == "update":
+            config, how = self._update(stage, config, inputs, d, key, own, version, main)
+            if how == "done":
+                return
+            decision = "updating" if how == "finetune" else "run"
+        elif main:
             if decision == "run" and d.exists():
                 log.info("stage %s: inputs or config changed, starting afresh", stage.name)
                 shutil.rmtree(d)
@@ -198,8 +227,61 @@ class Pipeline:
         t0 = time.time()
         execute(stage, config, inputs, d)
         self.timings[stage.name] = round(time.time() - t0, 1)
-        self.status[stage.name] = "resumed" if decision == "resume" else "ran"
+        made = {"resume": "resumed", "updating": f"fine-tuned for data version {version}"}
+        self.status[stage.name] = made.get(decision, "ran")
         if main:
-            write_json(state_file, {"key": key, "made": self.status[stage.name]})  # how this folder came to be
+            # how this folder came to be, and on which data version
+            write_json(state_file, {"key": key, "own": own, "data_version": version, "made": self.status[stage.name]})
             if self.share is not None:
                 self.share.add(key, d)
+
+    def data_version(self) -> int:
+        dataset = self.dir("data") / "dataset"
+        return versions.current(dataset) if (dataset / "data.yaml").exists() else 1
+
+    def _can_update(self, stage: Stage, state: dict, own: str, version: int) -> bool:
+        """A finished run can catch up instead of rerunning when its own config is unchanged, the
+        dataset grew since it ran (and was not re-imported), and every stage it reads is either
+        unchanged or itself caught up in this run."""
+        if self.cfg.update.mode != "incremental" or state.get("own") != own or not hasattr(stage.impl(), "update"):
+            return False
+        if not (self.dir(stage.name) / MANIFEST).exists() or state.get("data_version", 1) >= version:
+            return False
+        ok = ("skipped", "updated", "reused", "fine-tuned")
+        ups = stage.upstream(self.inputs(stage, set(stage.reads)))
+        return all(self.status.get(s, "skipped").startswith(ok) for s in ups if s != "data") and \
+            self.status.get("data", "skipped").startswith("skipped")
+
+    def _update(self, stage: Stage, config, inputs, d: Path, key: str, own: str, version: int, main: bool):
+        """Run the stage's update hook (rank 0); returns (config to run, how): "done" (updated in
+        place), "finetune" (run the returned config afresh from the previous best.pt, kept in the
+        new folder as previous.pt) or "scratch" (declined: the folder is cleared)."""
+        previous = d / PREVIOUS
+        result = None
+        if main:
+            print(f"\n== {stage.name} (updating for data version {version}) ==", flush=True)
+            t0 = time.time()
+            result = update(stage, config, inputs, d, self.cfg.update, previous)
+            if isinstance(result, dict):
+                self.timings[stage.name] = round(time.time() - t0, 1)
+                write_json(d / STATE, {"key": key, "own": own, "data_version": version,
+                                       "made": f"updated for data version {version}"})
+            elif result is None:
+                log.info("stage %s: no incremental update, running afresh", stage.name)
+                shutil.rmtree(d)
+                d.mkdir(parents=True)
+                write_json(d / STATE, {"key": key})
+            else:
+                if not previous.exists():  # (it does when a killed fine-tune resumes)
+                    best = d.with_name(f".{d.name}.{PREVIOUS}")
+                    os.replace(d / "best.pt", best)
+                    shutil.rmtree(d)
+                    d.mkdir(parents=True)
+                    os.replace(best, previous)
+                write_json(d / STATE, {"key": key, "updating": key})
+        result = distributed.broadcast(result)
+        distributed.barrier()
+        if isinstance(result, dict):
+            self.status[stage.name] = f"updated for data version {version}"
+            return config, "done"
+        return (config, "scratch") if result is None else (result, "finetune")

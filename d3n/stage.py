@@ -15,7 +15,13 @@ A stage is one module that defines
 - optionally `OWN_MANIFEST = True`: its run writes `config.yaml` and a complete manifest itself
   (the resumable stage-1 tools, which check their own with `is_complete` to resume or skip);
 - optionally `DISTRIBUTED = True`: under torchrun every rank runs it (a training loop that splits
-  its batches across them, rank 0 writing); any other stage runs on rank 0 while the others wait.
+  its batches across them, rank 0 writing); any other stage runs on rank 0 while the others wait;
+- optionally `update(config, inputs, out, spec, previous)`: how a finished run catches up when
+  the only change upstream is images added to the dataset (`d3n data add`). It returns metrics
+  (brought up to date in place: a repository extended, a DDPM reused), a config (run afresh
+  starting from the previous run's best.pt, which the pipeline keeps in the new run folder as
+  `previous`: a detector fine-tuned), or None (declined: the stage reruns from scratch). `spec` is the pipeline's
+  `update:` section.
 
 The registry (`d3n/stages.py`) lists the stages in chain order with the artifacts each reads
 (`Input`: another stage's file or folder) and writes. `d3n pipeline`, the per-stage commands and
@@ -132,6 +138,32 @@ def _execute(stage: Stage, config: Any, inputs: dict[str, Path], out: Path, writ
         metrics = impl.run(config, inputs, out)
     manifest.complete(writes)
     return metrics
+
+
+def own_key(stage: Stage, config: Any, root: Path) -> str:
+    """The part of a stage key that is the stage's own: its config and external files, not what it
+    reads. Equal own keys and a grown dataset are what make an incremental update possible."""
+    impl = stage.impl()
+    external = impl.external(config) if hasattr(impl, "external") else {}
+    blob = json.dumps({"stage": stage.name, "config": portable(identity(config, mode="json"), root),
+                       "external": external}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def update(stage: Stage, config: Any, inputs: dict[str, Path], out: Path, spec: Any, previous: Path):
+    """Bring a finished run up to date after the dataset grew (the stage's `update` hook, see the
+    module doc): returns its metrics, a config to run afresh, or None. An in-place update gets a
+    new manifest (rank 0 alone runs it: stages that update in place are single-process)."""
+    impl = stage.impl()
+    if not hasattr(impl, "update"):
+        return None
+    result = impl.update(config, {k: Path(v) for k, v in inputs.items()}, Path(out), spec, previous)
+    if isinstance(result, dict) and not getattr(impl, "OWN_MANIFEST", False):
+        writes = list(impl.writes(config)) if hasattr(impl, "writes") else list(stage.writes)
+        write_yaml(Path(out) / CONFIG, config)
+        Manifest(out, stage.name, {k: str(v) for k, v in inputs.items()}, identity(config, mode="json")).complete(
+            writes)
+    return result
 
 
 def add_inputs(parser: argparse.ArgumentParser, stage: Stage) -> None:

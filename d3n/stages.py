@@ -12,7 +12,7 @@ from d3n.stage import Input, Stage
 DATASET = Input("data", "dataset", "dataset folder (with data.yaml)")
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", "d3n.data.stage", {}, ("dataset/data.yaml",), help="import or synthesise the dataset"),
+    Stage("data", "d3n.data.stage", {}, ("dataset/data.yaml", "dataset/versions.json"), help="import or synthesise the dataset"),
     Stage("ddpm", "d3n.train.ddpm.stage", {"data": DATASET}, ("ddpm.pt", METRICS),
           help="pre-train the DDPM on the train images (paper §III-B)"),
     Stage("repo", "d3n.train.repository.build_stage", {"ddpm": Input("ddpm", ".", "DDPM run folder"), "data": DATASET},

@@ -23,7 +23,7 @@ from d3n.distributed import unwrap
 from d3n.errors import ArtifactError
 from d3n.train.detector import model as detector
 from d3n.train.detector.baseline import finish, train_args
-from d3n.train.detector.loop import TrainConfig, train, weights_key
+from d3n.train.detector.loop import TrainConfig, finetune, train, weights_key
 from d3n.train.detector.profile import complexity
 from d3n.train.device import resolve_device
 from d3n.train.teacher.features import FeatureProvider
@@ -86,6 +86,12 @@ class DistillTask:
 
     def save(self, model, path: Path, metrics: dict) -> None:
         detector.save(model, path, self.train_args, metrics)
+
+
+def update(cfg: Config, inputs: dict[str, Path], out: Path, spec, previous: Path):
+    """After `d3n data add`: the student fine-tuned from the previous student (or retrained)."""
+    tcfg = finetune(cfg.train, previous, spec)
+    return None if tcfg is None else cfg.model_copy(update={"train": tcfg})
 
 
 def external(cfg: Config) -> dict:

@@ -40,6 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_import)
 
+    p = cmds.add_parser("add", help="add new labelled images to a dataset as a new data version",
+                        description="Imports NEW with the same checks as `d3n data import` (VOC / YOLO / COCO, "
+                        "the dataset's class names) and adds every image to one split of DATA, as a new "
+                        "version in DATA/versions.json. Nothing changes if a check fails or a name is "
+                        "taken. For DATA inside a pipeline run (RUN/data/dataset), the next `d3n pipeline` "
+                        "brings the chain up to date incrementally (see the config's update: section).")
+    p.add_argument("new", help="folder (or COCO .json / YOLO data.yaml) with the new images")
+    p.add_argument("--to", required=True, help="dataset folder to add to (with data.yaml)")
+    p.add_argument("--split", default="train", choices=("train", "val"),
+                   help="where the images go (default train; the test split stays fixed)")
+    p.add_argument("--format", choices=("voc", "yolo", "coco"), help="format of NEW (default: autodetect)")
+    p.add_argument("--skip-bad", action="store_true", help="leave bad images out instead of failing")
+    p.set_defaults(func=_add)
+
     p = cmds.add_parser("check", help="per-class counts and every bad file of a dataset")
     p.add_argument("data", help="dataset folder (with data.yaml)")
     p.set_defaults(func=_check)
@@ -82,6 +96,15 @@ def _import(args: argparse.Namespace) -> int:
         for item in report["problems"]:
             print(f"  {item['file']}: {item['reason']}")
     print(f"report: {args.out}/{REPORT}")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from d3n.data import versions
+
+    entry = versions.add(args.new, args.to, split=args.split, fmt=args.format, skip_bad=args.skip_bad)
+    n = sum(entry["images"].values())
+    print(f"added {n} image(s) from {args.new} to {args.to} ({args.split}): data version {entry['version']}")
     return 0
 
 

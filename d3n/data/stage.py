@@ -8,6 +8,7 @@ from typing import Literal
 
 from d3n.artifacts import fingerprint
 from d3n.config import StrictModel
+from d3n.data import versions
 
 
 class SynthSpec(StrictModel):
@@ -54,4 +55,6 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         val_frac = None if cfg.splits is not None else cfg.val_frac
         import_dataset(cfg.source, target, fmt=cfg.format, splits=cfg.splits, val_frac=val_frac,
                        test_frac=cfg.test_frac, seed=cfg.seed, skip_bad=cfg.skip_bad)
-    return {}
+    # version 1; `d3n data add` appends versions, which the stages downstream take incrementally
+    versions.record_initial(target, str(cfg.source) if cfg.source is not None else "synth")
+    return {"data_version": 1}

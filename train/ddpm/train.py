@@ -84,13 +84,13 @@ def batch_indices(step: int, n_images: int, batch: int, seed: int) -> torch.Tens
 
 class Trainer:
     def __init__(self, cfg: DDPMTrainConfig, images: torch.Tensor, total: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", world: distributed.World | None = None):
         torch.manual_seed(cfg.seed)
         self.cfg, self.images, self.total = cfg, images, total
         self.device = torch.device(device)
         # initialised on the CPU (same weights for a given seed on any device), then moved
         self.unet = build_unet(unet_config(cfg.preset, cfg.size)).to(self.device)
-        self.world = distributed.world()
+        self.world = world or distributed.world()
         if cfg.batch % self.world.size:
             raise ConfigError(f"batch {cfg.batch} is split among {self.world.size} processes: it must divide evenly")
         self.net = self.unet if not self.world.distributed else torch.nn.parallel.DistributedDataParallel(self.unet)
@@ -191,4 +191,32 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, progress: bool = True) -> 
                "device": str(device), "loss_curve": trainer.losses[:: max(1, math.ceil(len(trainer.losses) / 200))]}
     write_json(out / METRICS, metrics)
     manifest.complete(outputs=[WEIGHTS, METRICS, CONFIG])
+    return metrics
+
+
+def finetune_ddpm(cfg: DDPMTrainConfig, out: str | Path, steps: int, progress: bool = True) -> dict[str, Any]:
+    """Continue the finished DDPM in `out` for `steps` steps on the split as it is now (after `d3n
+    data add`): its weights (EMA ones, if kept) as the start of both model and EMA, a fresh Adam
+    and a cosine schedule from `cfg.lr` to `cfg.lr_min` over the steps. ddpm.pt is replaced and
+    the manifest rewritten only when the fine-tune finishes (one process: the pipeline runs
+    in-place updates on rank 0)."""
+    out = Path(out)
+    data = DatasetLayout.open(cfg.data)
+    paths = data.images(cfg.split)
+    blob = torch.load(out / WEIGHTS, map_location="cpu", weights_only=True)
+    trainer = Trainer(cfg.model_copy(update={"seed": cfg.seed + 1}), load_images(paths, cfg.size), steps,
+                      resolve_device(cfg.device), world=distributed.World())
+    trainer.unet.load_state_dict(blob["state_dict"])
+    if trainer.ema is not None:
+        trainer.ema.ema.load_state_dict(blob["state_dict"])
+    for _ in tqdm(range(steps), desc="ddpm fine-tune", disable=not progress):
+        trainer.train_step()
+    save_with(out / WEIGHTS, lambda p: torch.save({"config": blob["config"], "state_dict": trainer.final_weights()}, p))
+    metrics = read_json(out / METRICS)
+    metrics["finetuned"] = [*metrics.get("finetuned", []),
+                            {"steps": steps, "images": len(paths), "loss_first": trainer.losses[0],
+                             "loss_last": trainer.losses[-1]}]
+    write_json(out / METRICS, metrics)
+    Manifest(out, "ddpm", inputs={"data_yaml": data.yaml_path}, config=identity(cfg)).complete(
+        outputs=[WEIGHTS, METRICS, CONFIG])
     return metrics

@@ -9,7 +9,7 @@ from d3n.artifacts import METRICS, write_json
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.train.detector import model as detector
-from d3n.train.detector.loop import TrainConfig, summary, train, weights_key
+from d3n.train.detector.loop import TrainConfig, finetune, summary, train, weights_key
 from d3n.train.detector.plots import plot_history, plot_per_class
 from d3n.train.detector.profile import complexity
 
@@ -38,6 +38,12 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     if not distributed.world().main:  # rank 0 writes the run's files
         return {}
     return finish(out, best, model, cfg.train, "baseline")
+
+
+def update(cfg: Config, inputs: dict[str, Path], out: Path, spec, previous: Path):
+    """After `d3n data add`: fine-tuned from the previous baseline (or retrained, `update.detectors`)."""
+    tcfg = finetune(cfg.train, previous, spec)
+    return None if tcfg is None else cfg.model_copy(update={"train": tcfg})
 
 
 def train_args(layout: DatasetLayout, tcfg: TrainConfig) -> dict:

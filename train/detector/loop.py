@@ -273,6 +273,16 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
     return {**(best or {}), "history": history, "optimizer": opt_info}
 
 
+def finetune(tcfg: TrainConfig, previous: Path, spec) -> TrainConfig | None:
+    """The schedule of a detector brought up to date after `d3n data add`: start from the previous
+    run's best.pt (kept as `previous`) for `spec.epochs` (default a quarter of the schedule); None
+    when the pipeline's `update.detectors` says retrain."""
+    if spec.detectors != "finetune":
+        return None
+    return tcfg.model_copy(update={"weights": Path(previous),
+                                   "epochs": spec.epochs or max(1, tcfg.epochs // 4)})
+
+
 def weights_key(tcfg: TrainConfig) -> dict:
     """The initial weights' content, for a stage key (`external`): a new file under the same name
     retrains; a missing one is an error naming it."""

@@ -3,7 +3,9 @@
 Each image is noised to x_t for every t in `timesteps` (default {100, 150, 250}, paper §III-B)
 and the DDPM decoder's p3/p4/p5 maps are stored as float16 shards. Only the train split's
 repository is used to fit the compressor; the val split is built the same way, from the same
-DDPM, for evaluating the teacher. A killed build resumes at the first unfinished shard.
+DDPM, for evaluating the teacher. A killed build resumes at the first unfinished shard. When
+images were added to the split since a build finished (`d3n data add`), building again extends
+it: the new images go into new shards after the old ones, which are left as they are.
 
 `--device` only says where the UNet runs: the seeded noise is drawn on the CPU and moved, and the
 device stays out of the repository's index and identity, so a build (or a resumed one) on GPU
@@ -34,7 +36,7 @@ from d3n.errors import ConfigError
 from d3n.train.ddpm.features import DecoderFeatures
 from d3n.train.ddpm.model import DDPM, WEIGHTS, load_images
 from d3n.train.device import Device, resolve_device
-from d3n.train.repository.store import INDEX, FeatureStore, StoreWriter
+from d3n.train.repository.store import INDEX, FeatureStore, StoreWriter, shard_ranges
 
 DEFAULT_TIMESTEPS = (100, 150, 250)  # paper §III-B
 
@@ -63,12 +65,15 @@ def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> 
     out = Path(out)
     weights = Path(cfg.ddpm) / WEIGHTS
     data = DatasetLayout.open(cfg.data)
-    if weights.exists() and is_complete(out, inputs={"ddpm": weights, "data_yaml": data.yaml_path},
-                                        config=identity(cfg)):
-        return read_json(out / METRICS)
     paths = data.images(cfg.split)
     if not paths:
         raise ConfigError(f"{data.yaml_path}: split '{cfg.split}' has no images")
+    ids, ranges, grown = _plan_ids(out, [p.stem for p in paths], cfg.shard_size)
+    if not grown and weights.exists() and is_complete(out, inputs={"ddpm": weights, "data_yaml": data.yaml_path},
+                                                      config=identity(cfg)):
+        return read_json(out / METRICS)
+    by_stem = {p.stem: p for p in paths}
+    paths = [by_stem[i] for i in ids]
     device = resolve_device(cfg.device)
     ddpm = DDPM.load(cfg.ddpm, device)
     extractor = DecoderFeatures(ddpm.unet, ddpm.scheduler, ddpm.size)
@@ -79,11 +84,11 @@ def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> 
     meta = {"ddpm_size": ddpm.size, "ddpm_run": str(Path(cfg.ddpm).resolve()), "ddpm_sha256": sha256_file(weights),
             "data_yaml": str(data.yaml_path.resolve()), "split": cfg.split, "hooks": extractor.hooks,
             "compressor": None}
-    ids = [p.stem for p in paths]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{data.splits[cfg.split]}: duplicate image stems (ids must be unique)")
     writer = StoreWriter(out, kind="raw", levels=list(extractor.hooks), timesteps=cfg.timesteps,
-                         image_ids=ids, shapes=extractor.shapes(), shard_size=cfg.shard_size, meta=meta)
+                         image_ids=ids, shapes=extractor.shapes(), shard_size=cfg.shard_size, meta=meta,
+                         ranges=ranges)
     pending = writer.pending()
     with manifest.timed("extract"):
         for k in tqdm(pending, desc=f"repo build ({cfg.split})", disable=not progress):
@@ -98,12 +103,29 @@ def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> 
     writer.finish()
     store = FeatureStore.open(out)
     metrics = {"images": len(ids), "timesteps": cfg.timesteps, "shards": len(writer.ranges),
-               "shards_built_this_run": len(pending), "bytes": store.nbytes(), "disk_bytes": store.disk_bytes(),
+               "shards_built_this_run": len(pending),
+               "images_built_this_run": sum(writer.ranges[k][1] for k in pending), "bytes": store.nbytes(), "disk_bytes": store.disk_bytes(),
                "shapes": {lv: store.shape(lv) for lv in store.levels}, "hooks": extractor.hooks,
                "device": str(device)}
     write_json(out / METRICS, metrics)
     _complete_with_levels(manifest, extractor.hooks)
     return metrics
+
+
+def _plan_ids(out: Path, stems: list[str], shard_size: int):
+    """(ids in repository order, shard ranges or None, grown): a finished repository whose images
+    are all still in the split keeps its order and shards and takes the new ones after them; one
+    that lost images is rebuilt from scratch (its features would no longer be the split's)."""
+    if not (out / INDEX).exists():
+        return stems, None, False
+    old = FeatureStore.open(out, verify=False)
+    new = sorted(set(stems) - set(old.image_ids))
+    if not new or not set(old.image_ids) <= set(stems):
+        return stems, None, False
+    start = len(old.image_ids)
+    ranges = [(int(s["start"]), int(s["count"])) for s in old._shards]
+    ranges += [(start + s, c) for s, c in shard_ranges(len(new), shard_size)]
+    return old.image_ids + new, ranges, True
 
 
 def _complete_with_levels(manifest: Manifest, hooks: dict[str, str]) -> None:

@@ -141,8 +141,10 @@ def compress_repo(repo: str | os.PathLike, run_dir: str | os.PathLike, out: str 
         shapes[lv] = tuple(probe.shape[1:])
     meta = {**src.meta, "source_repo": str(Path(repo).resolve()),
             "compressor": str(Path(run_dir).resolve()), "method": method}
+    # the source's shards, one for one: a grown source (new shards after the old) grows this one alike
     writer = StoreWriter(out, kind=method, levels=src.levels, timesteps=src.timesteps,
-                         image_ids=src.image_ids, shapes=shapes, shard_size=src.shard_size, meta=meta)
+                         image_ids=src.image_ids, shapes=shapes, shard_size=src.shard_size, meta=meta,
+                         ranges=[(int(sh["start"]), int(sh["count"])) for sh in src._shards])
     for k in tqdm(writer.pending(), desc=f"compress ({method})", disable=not progress):
         start, count = writer.ranges[k]
         arrays = {lv: encode_maps(enc[lv], src._map(lv, k), batch) for lv in src.levels}
@@ -183,6 +185,11 @@ def compress_run(repo: str | os.PathLike, run_dir: str | os.PathLike, out: str |
     return compress_with(cfg, out, progress)
 
 
+def _same_images(repo, out) -> bool:
+    """False when the source repository has grown since `out` was written (it then extends)."""
+    return FeatureStore.open(repo, verify=False).image_ids == FeatureStore.open(out, verify=False).image_ids
+
+
 def compress_with(cfg: RepoCompressConfig, out: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
     repo, run_dir, batch = cfg.repo, cfg.compressor, cfg.batch
     found = compressor_method(run_dir)
@@ -192,7 +199,7 @@ def compress_with(cfg: RepoCompressConfig, out: str | os.PathLike, progress: boo
     out.mkdir(parents=True, exist_ok=True)
     # the output's identity: no device (a GPU-compressed repository is the same artifact)
     config = {"repo": repo, "compressor": run_dir, "method": found, "batch": batch}
-    if is_complete(out, config=config):
+    if is_complete(out, config=config) and _same_images(repo, out):
         return read_json(out / METRICS)
     dev = str(resolve_device(cfg.device))
     write_yaml(out / CONFIG, {**config, "device": cfg.device})

@@ -49,36 +49,56 @@ def shard_ranges(n_items: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 class StoreWriter:
-    """Writes a repository shard by shard; finished shards found on disk are kept (resume)."""
+    """Writes a repository shard by shard; finished shards found on disk are kept (resume).
+
+    A repository can also grow: given the ids of a finished one followed by new ids (and its shard
+    ranges followed by new ones, `ranges`), the finished shards stay as they are and only the new
+    ones are written (an incremental update after images were added to the dataset).
+    """
 
     def __init__(self, root: str | os.PathLike, *, kind: str, levels: list[str], timesteps: list[int],
                  image_ids: list[str], shapes: dict[str, tuple[int, int, int]], shard_size: int,
-                 meta: dict[str, Any]):
+                 meta: dict[str, Any], ranges: list[tuple[int, int]] | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.root = Path(root)
         self.kind, self.levels, self.timesteps = kind, list(levels), [int(t) for t in timesteps]
         self.image_ids, self.shard_size, self.meta = list(image_ids), int(shard_size), dict(meta)
         self.shapes = {lv: (len(self.timesteps), *map(int, shapes[lv])) for lv in self.levels}
-        self.ranges = shard_ranges(len(self.image_ids), self.shard_size)
+        self.ranges = [tuple(r) for r in ranges] if ranges is not None else shard_ranges(len(self.image_ids),
+                                                                                         self.shard_size)
+        if sum(c for _, c in self.ranges) != len(self.image_ids):
+            raise ValueError("shard ranges do not cover the image ids")
         (self.root / SHARDS).mkdir(parents=True, exist_ok=True)
         self._check_plan()
 
     def _plan(self) -> dict[str, Any]:
         return {"kind": self.kind, "levels": self.levels, "timesteps": self.timesteps,
                 "image_ids": self.image_ids, "shapes": self.shapes, "shard_size": self.shard_size,
-                "meta": self.meta}
+                "meta": self.meta, "ranges": [list(r) for r in self.ranges]}
 
     def _check_plan(self) -> None:
-        """A resumed build must be the same build: refuse to mix shards from a different plan."""
+        """A resumed build must be the same build: refuse to mix shards from a different plan. A
+        plan that only appends images (and shards) to a finished one extends it."""
         plan_path = self.root / SHARDS / "plan.json"
         plan = json.loads(json.dumps(self._plan()))
         if plan_path.exists():
-            if read_json(plan_path) != plan:
+            old = read_json(plan_path)
+            old.setdefault("ranges", [list(r) for r in shard_ranges(len(old["image_ids"]), old["shard_size"])])
+            if old == plan:
+                return
+            if not self._extends(old, plan):
                 raise ArtifactError(f"{plan_path}: an unfinished build with different inputs (images, levels, "
                                     "timesteps, shard size or source model) is in this folder; use a new --out")
-        else:
-            write_json(plan_path, plan)
+        write_json(plan_path, plan)
+
+    def _extends(self, old: dict[str, Any], new: dict[str, Any]) -> bool:
+        """`new` appends images in new shards to the finished repository `old` (provenance in
+        `meta` may change: the new shards record theirs)."""
+        same = all(old[k] == new[k] for k in ("kind", "levels", "timesteps", "shapes", "shard_size"))
+        n, k = len(old["image_ids"]), len(old["ranges"])
+        return (same and (self.root / INDEX).exists() and new["image_ids"][:n] == old["image_ids"]
+                and new["ranges"][:k] == old["ranges"])
 
     def done(self, k: int) -> bool:
         rec = self.root / shard_record(k)
@@ -106,7 +126,9 @@ class StoreWriter:
         if missing:
             raise ArtifactError(f"{self.root}: shards {missing} not written")
         shards = [read_json(self.root / shard_record(k)) for k in range(len(self.ranges))]
-        index = {**self._plan(), "dtype": np.dtype(DTYPE).name, "shards": shards}
+        plan = self._plan()
+        del plan["ranges"]  # the shard records hold them
+        index = {**plan, "dtype": np.dtype(DTYPE).name, "shards": shards}
         return write_json(self.root / INDEX, index)
 
 
@@ -124,6 +146,8 @@ class FeatureStore:
         self._shapes = {lv: tuple(int(x) for x in s) for lv, s in index["shapes"].items()}
         self._shards = index["shards"]
         self._pos = {iid: i for i, iid in enumerate(self.image_ids)}
+        # (shard, row) of each image from the shard records: shards of a grown repository are not all full
+        self._where = [(k, j) for k, sh in enumerate(self._shards) for j in range(int(sh["count"]))]
         self._maps: dict[tuple[str, int], np.ndarray] = {}
         self._pid = os.getpid()
 
@@ -200,7 +224,7 @@ class FeatureStore:
             i = self._pos[image_id]
         except KeyError:
             raise ArtifactError(f"{self.root}: image '{image_id}' is not in this repository") from None
-        return i // self.shard_size, i % self.shard_size
+        return self._where[i]
 
     def has(self, image_id: str) -> bool:
         return image_id in self._pos

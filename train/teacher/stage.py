@@ -18,7 +18,7 @@ from d3n.data.layout import DatasetLayout
 from d3n.distributed import unwrap
 from d3n.errors import ArtifactError
 from d3n.train.detector import model as detector
-from d3n.train.detector.loop import TrainConfig, summary, train, weights_key
+from d3n.train.detector.loop import TrainConfig, finetune, summary, train, weights_key
 from d3n.train.detector.plots import plot_history, plot_per_class
 from d3n.train.detector.profile import count_params, teacher_complexity
 from d3n.train.device import resolve_device
@@ -34,6 +34,7 @@ class Config(StrictModel):
     # baseline, so with the zero-initialised fusion the teacher starts exactly as the baseline and
     # whatever it gains comes from the DDPM branches
     init: Literal["weights", "baseline"] = "weights"
+    start: Path | None = None  # a teacher's best.pt to continue from (an incremental update); overrides init
     resvae: Path | None = None  # compressor run; default: the one recorded in the repository
     # "shuffled": the control that keeps every parameter and removes the information -- each image gets
     # the DDPM features of another image of its split (a seeded derangement); its student sees the same
@@ -55,7 +56,15 @@ def wants(cfg: Config, inputs: dict[str, Path]) -> set[str]:
 
 
 def external(cfg: Config) -> dict:
-    return weights_key(cfg.train) if cfg.init == "weights" else {}
+    return weights_key(cfg.train) if cfg.init == "weights" and cfg.start is None else {}
+
+
+def update(cfg: Config, inputs: dict[str, Path], out: Path, spec, previous: Path):
+    """After `d3n data add`: the whole teacher (detector and fusion) fine-tuned from the previous one."""
+    tcfg = finetune(cfg.train, previous, spec)
+    if tcfg is None:
+        return None
+    return cfg.model_copy(update={"start": Path(previous), "train": tcfg.model_copy(update={"weights": None})})
 
 
 class TeacherTask:
@@ -98,7 +107,13 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     start = inputs["baseline"] if cfg.init == "baseline" else cfg.train.weights
     if cfg.init == "baseline" and "baseline" not in inputs:
         raise ArtifactError("teacher init: baseline needs the baseline's best.pt (--baseline)")
-    if start is not None:
+    if cfg.start is not None:
+        previous = FusionTeacher.load(cfg.start)
+        if previous.config != model.config:
+            raise ArtifactError(f"{cfg.start}: a teacher of another configuration ({previous.config}) cannot be "
+                                "continued with this one")
+        model.load_state_dict(previous.state_dict())
+    elif start is not None:
         detector.weights_from(start, model.detector)
     store = features.stores[0]  # what `d3n val` needs to compute the same features for new images
     extra = {"names": list(layout.names), "imgsz": cfg.train.imgsz, "repo": str(Path(repo).resolve()),

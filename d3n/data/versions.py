@@ -1,0 +1,93 @@
+"""Data versions: what a dataset folder holds, version by version (`versions.json` beside data.yaml).
+
+Version 1 is the import (or synthesis); `d3n data add NEW --to DATA` appends a version with the
+images it added. A pipeline rerun after an addition brings its stages up to date incrementally
+(the repository extended with the new images only, the detectors fine-tuned; see d3n/pipeline.py)
+and every stage's `.pipeline.json` records the data version it saw. A dataset without the file
+(made before versions existed) is version 1.
+
+The test split is never added to: numbers reported on it stay comparable across versions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from d3n.artifacts import MANIFEST, read_json, write_json
+from d3n.data.layout import DatasetLayout, label_path_for
+from d3n.errors import DataError
+
+VERSIONS = "versions.json"
+ADDABLE = ("train", "val")
+
+
+def read(root: str | Path) -> list[dict]:
+    path = Path(root) / VERSIONS
+    return read_json(path)["versions"] if path.exists() else []
+
+
+def current(root: str | Path) -> int:
+    return max(1, len(read(root)))
+
+
+def record_initial(root: str | Path, source: str) -> Path:
+    """Version 1: every image the dataset holds now, per split."""
+    layout = DatasetLayout.open(root)
+    added = {s: [p.stem for p in layout.images(s)] for s in layout.splits if layout.has(s)}
+    return write_json(Path(root) / VERSIONS, {"versions": [_entry(1, source, added)]})
+
+
+def _entry(version: int, source: str, added: dict[str, list[str]]) -> dict:
+    return {"version": version, "source": source, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "images": {s: len(v) for s, v in added.items()}, "added": added}
+
+
+def add(new: str | Path, to: str | Path, split: str = "train", fmt: str | None = None,
+        skip_bad: bool = False, progress: bool = True) -> dict:
+    """Import `new` (VOC / YOLO / COCO, the import's checks) and add all of its images to `split`
+    of the dataset `to`; returns the new version's entry. Nothing is changed if any check fails:
+    the images are imported and checked in a scratch folder first."""
+    from d3n.data.importer import import_dataset
+
+    if split not in ADDABLE:
+        raise DataError(f"--split {split}: images are added to train or val; the test split stays fixed so "
+                        "numbers reported on it stay comparable")
+    target = DatasetLayout.open(to)
+    with tempfile.TemporaryDirectory(prefix=".add-", dir=target.root) as tmp:
+        staged = Path(tmp) / "data"
+        import_dataset(new, staged, fmt=fmt, val_frac=0.0, skip_bad=skip_bad, names=list(target.names),
+                       progress=progress)
+        got = DatasetLayout.open(staged)
+        images = [p for s in got.splits if got.has(s) for p in got.images(s)]
+        taken = {p.stem: p for s in target.splits if target.has(s) for p in target.images(s)}
+        clash = [(p, taken[p.stem]) for p in images if p.stem in taken]
+        if clash:
+            a, b = clash[0]
+            raise DataError(f"{new}: {len(clash)} image(s) share a name with images already in {target.root} "
+                            f"(first: {a.name} and {b}); rename them before adding")
+        history = read(target.root) or [_entry(1, "(before versions were recorded)", {
+            s: [p.stem for p in target.images(s)] for s in target.splits if target.has(s)})]
+        entry = _entry(len(history) + 1, str(Path(new).resolve()), {split: sorted(p.stem for p in images)})
+        dest = target.splits[split]
+        for img in images:  # same filesystem: each move is a rename
+            shutil.move(label_path_for(img), label_path_for(dest / img.name))
+            shutil.move(img, dest / img.name)
+    write_json(target.root / VERSIONS, {"versions": [*history, entry]})
+    _refresh_stage_manifest(target.root)
+    return entry
+
+
+def _refresh_stage_manifest(root: Path) -> None:
+    """A dataset inside a pipeline's data stage (RUN/data/dataset): its manifest's outputs are
+    fingerprinted again, so the stages downstream see the new version on the next run."""
+    manifest = root.parent / MANIFEST
+    if not manifest.exists() or read_json(manifest).get("stage") != "data":
+        return
+    from d3n.artifacts import Manifest
+
+    old = read_json(manifest)
+    m = Manifest(root.parent, "data", {}, old.get("config"))
+    m.complete([str(Path(root.name) / "data.yaml"), str(Path(root.name) / VERSIONS)])
