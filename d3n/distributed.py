@@ -114,6 +114,16 @@ def broadcast(obj):
     return box[0]
 
 
+def gather(obj) -> list | None:
+    """Every rank's `obj` on rank 0, in rank order (None elsewhere)."""
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def unwrap(model):
     """The model inside a DistributedDataParallel wrapper: a task's forward goes through the
     wrapper (which syncs the gradients), its loss and other methods are the model's."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -68,6 +67,8 @@ def test_pipeline_on_two_processes(micro_pipeline, micro_config, tmp_path):
         two, one = _rows(out / stage / "results.csv"), _rows(single / stage / "results.csv")
         assert [r["steps"] for r in two] == [r["steps"] for r in one]
         assert "processes" not in read_json(single / stage / "metrics.json")["optimizer"]
+    for split in ("train", "val", "test"):  # the repository's shards shared out between the two
+        assert read_json(out / "repo" / split / "metrics.json")["processes"] == 2
     ddpm2, ddpm1 = read_json(out / "ddpm" / "metrics.json"), read_json(single / "ddpm" / "metrics.json")
     assert ddpm2["loss_curve"] == pytest.approx(ddpm1["loss_curve"], rel=1e-4)
     leftovers = [p.name for p in out.rglob("*.tmp")]
@@ -87,7 +88,13 @@ def test_killed_two_process_run_resumes_on_one(synth_small, tmp_path):
     deadline = time.time() + 300
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # a crash: torchrun and its workers (which run in sessions of their own) all killed at once
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
+    psutil.wait_procs(tree, timeout=30)
     proc.wait()
     assert state.exists(), "the 2-process run saved no state before it ended"
     done = len(_rows(out / "results.csv"))
@@ -97,6 +104,29 @@ def test_killed_two_process_run_resumes_on_one(synth_small, tmp_path):
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
     assert read_json(out / MANIFEST)["complete"]
     assert "processes" not in read_json(out / "metrics.json")["optimizer"]
+
+
+def test_repository_shards_shared_out_between_processes(micro_pipeline, tmp_path):
+    """`torchrun -m d3n.cli repo build` on 2 processes, small shards: each rank extracts every other
+    shard, rank 0 writes them; the features are the single-process build's (noise seeded per image)."""
+    import numpy as np
+
+    from d3n.train.repository.store import FeatureStore
+
+    _, single = micro_pipeline
+    out = tmp_path / "repo"
+    args = ["repo", "build", "--ddpm", str(single / "ddpm"), "--data", str(single / "data" / "dataset"),
+            "--out", str(out), "--shard-size", "3"]
+    done = subprocess.run(distributed.torchrun_command(args, 2), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two, one = FeatureStore.open(out), FeatureStore.open(single / "repo" / "train")
+    assert read_json(out / "metrics.json")["processes"] == 2 and len(two._shards) == 4
+    assert two.image_ids == one.image_ids
+    for iid in one.image_ids:
+        for lv in one.levels:
+            np.testing.assert_allclose(two.get(iid)[lv].astype(np.float32), one.get(iid)[lv].astype(np.float32),
+                                       rtol=1e-2, atol=1e-3)
 
 
 def test_batch_must_split_evenly(synth_small, tmp_path):

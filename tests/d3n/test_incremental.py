@@ -119,3 +119,12 @@ def test_rerun_after_data_add_catches_up(micro_config, tmp_path):
     made = {s: (run / s / MANIFEST).stat().st_mtime for s in STAGES}
     assert main(["pipeline", str(cfg)]) == 0
     assert {s: (run / s / MANIFEST).stat().st_mtime for s in STAGES} == made
+
+    # update.mode full: the same kind of addition reruns everything downstream from scratch
+    cfg.write_text(yaml.safe_dump({**micro_config, "out": str(run), "update": {"mode": "full"}}))
+    assert main(["data", "add", str(_new_images(tmp_path / "more", 2, prefix="more_")), "--to",
+                 str(run / "data" / "dataset")]) == 0
+    assert main(["pipeline", str(cfg)]) == 0
+    states = {s: read_json(run / s / ".pipeline.json") for s in STAGES}
+    assert {s: (st["made"], st["data_version"]) for s, st in states.items()} == dict.fromkeys(STAGES, ("ran", 3))
+    assert not (run / "baseline" / "previous.pt").exists()

@@ -33,7 +33,7 @@ except ImportError:
     HAVE_OPENVINO = False
 
 needs_openvino = pytest.mark.skipif(not HAVE_OPENVINO, reason="openvino is not installed (optional: "
-                                    "pip install 'd3n[openvino]'; the dev extra has it)")
+                                    "pip install 'd3n[openvino]', not in the dev extra: see docs/runtime.md)")
 BOX_ATOL, SCORE_ATOL = 5e-3, 1e-4  # pixels at 128 px; score units (see the module docstring)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from d3n import distributed
 from d3n.artifacts import (
     CONFIG,
     METRICS,
@@ -61,8 +62,12 @@ def parse_timesteps(text: str) -> list[int]:
     return ts
 
 
-def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True,
+               world: distributed.World | None = None) -> dict[str, Any]:
+    """Under torchrun the shards are shared out among the ranks (each image's noise is seeded by
+    the image, so the repository is the one a single process makes); rank 0 gathers and writes."""
     out = Path(out)
+    world = world or distributed.world()
     weights = Path(cfg.ddpm) / WEIGHTS
     data = DatasetLayout.open(cfg.data)
     paths = data.images(cfg.split)
@@ -77,8 +82,9 @@ def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> 
     device = resolve_device(cfg.device)
     ddpm = DDPM.load(cfg.ddpm, device)
     extractor = DecoderFeatures(ddpm.unet, ddpm.scheduler, ddpm.size)
-    out.mkdir(parents=True, exist_ok=True)
-    write_yaml(out / CONFIG, cfg.model_dump())
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_yaml(out / CONFIG, cfg.model_dump())
     manifest = Manifest(out, "repo", inputs={"ddpm": weights, "data_yaml": data.yaml_path},
                         config=identity(cfg))
     meta = {"ddpm_size": ddpm.size, "ddpm_run": str(Path(cfg.ddpm).resolve()), "ddpm_sha256": sha256_file(weights),
@@ -88,25 +94,40 @@ def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True) -> 
         raise ConfigError(f"{data.splits[cfg.split]}: duplicate image stems (ids must be unique)")
     writer = StoreWriter(out, kind="raw", levels=list(extractor.hooks), timesteps=cfg.timesteps,
                          image_ids=ids, shapes=extractor.shapes(), shard_size=cfg.shard_size, meta=meta,
-                         ranges=ranges)
-    pending = writer.pending()
+                         ranges=ranges) if world.main else None
+    todo = (writer.ranges, writer.pending()) if world.main else None
+    all_ranges, pending = distributed.broadcast(todo) if world.distributed else todo
+
+    def extract(k: int) -> dict[str, Any]:
+        start, count = all_ranges[k]
+        parts: dict[str, list[torch.Tensor]] = {lv: [] for lv in extractor.hooks}
+        for b in range(start, start + count, cfg.batch):
+            sl = slice(b, min(b + cfg.batch, start + count))
+            feats = extractor(load_images(paths[sl], ddpm.size), ids[sl], cfg.timesteps)
+            for lv, f in feats.items():
+                parts[lv].append(f)
+        return {lv: torch.cat(v).numpy() for lv, v in parts.items()}
+
     with manifest.timed("extract"):
-        for k in tqdm(pending, desc=f"repo build ({cfg.split})", disable=not progress):
-            start, count = writer.ranges[k]
-            parts: dict[str, list[torch.Tensor]] = {lv: [] for lv in extractor.hooks}
-            for b in range(start, start + count, cfg.batch):
-                sl = slice(b, min(b + cfg.batch, start + count))
-                feats = extractor(load_images(paths[sl], ddpm.size), ids[sl], cfg.timesteps)
-                for lv, f in feats.items():
-                    parts[lv].append(f)
-            writer.write_shard(k, {lv: torch.cat(v).numpy() for lv, v in parts.items()})
+        rounds = range(0, len(pending), world.size)  # round r: rank i extracts shard pending[r + i]
+        for r in tqdm(rounds, desc=f"repo build ({cfg.split})", disable=not (progress and world.main)):
+            k = pending[r + world.rank] if r + world.rank < len(pending) else None
+            done = [(k, extract(k) if k is not None else None)]
+            if world.distributed:
+                done = distributed.gather(done[0])
+            for kk, arrays in done if world.main else ():
+                if kk is not None:
+                    writer.write_shard(kk, arrays)
+    if not world.main:
+        return {}
     writer.finish()
     store = FeatureStore.open(out)
     metrics = {"images": len(ids), "timesteps": cfg.timesteps, "shards": len(writer.ranges),
                "shards_built_this_run": len(pending),
-               "images_built_this_run": sum(writer.ranges[k][1] for k in pending), "bytes": store.nbytes(), "disk_bytes": store.disk_bytes(),
+               "images_built_this_run": sum(writer.ranges[k][1] for k in pending),
+               "bytes": store.nbytes(), "disk_bytes": store.disk_bytes(),
                "shapes": {lv: store.shape(lv) for lv in store.levels}, "hooks": extractor.hooks,
-               "device": str(device)}
+               "device": str(device), "processes": world.size}
     write_json(out / METRICS, metrics)
     _complete_with_levels(manifest, extractor.hooks)
     return metrics

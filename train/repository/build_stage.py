@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from d3n import distributed
 from d3n.config import StrictModel, placement
 from d3n.data.layout import DatasetLayout
 from d3n.train.device import Device
 from d3n.train.repository.build import DEFAULT_TIMESTEPS, RepoBuildConfig, build_repo
 from d3n.train.repository.store import INDEX, FeatureStore
+
+DISTRIBUTED = True  # under torchrun the ranks share out the shards; rank 0 writes
 
 
 class Config(StrictModel):
@@ -43,7 +46,7 @@ def update(cfg: Config, inputs: dict[str, Path], out: Path, spec, previous: Path
             continue
         rcfg = RepoBuildConfig(ddpm=str(inputs["ddpm"]), data=str(inputs["data"]), split=split,
                                timesteps=cfg.timesteps, batch=cfg.batch, device=cfg.device)
-        metrics[split] = build_repo(rcfg, out / split)
+        metrics[split] = build_repo(rcfg, out / split, world=distributed.World())  # rank 0 alone updates
     return metrics
 
 

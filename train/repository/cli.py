@@ -26,7 +26,9 @@ def _repo_build(args: argparse.Namespace) -> int:
 
     data = {"ddpm": args.ddpm, "data": args.data, "split": args.split, "timesteps": parse_timesteps(args.timesteps),
             "shard_size": args.shard_size, "batch": args.batch, "device": args.device}
-    print_metrics(build_repo(validate(RepoBuildConfig, data, "d3n repo build"), args.out))
+    metrics = build_repo(validate(RepoBuildConfig, data, "d3n repo build"), args.out)
+    if metrics:  # (under torchrun, rank 0's)
+        print_metrics(metrics)
     return 0
 
 
