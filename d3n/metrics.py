@@ -24,6 +24,7 @@ from d3n.boxes import box_iou
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 KEYS = ("mAP50", "mAP50-95", "precision", "recall", "recall@0.25", "per_class_AP50")
+MATCH_IOU = 0.5  # image level: a defect counts as found when a kept detection overlaps a true box this much
 OPERATING_CONF = 0.25  # the runtime's default --conf: what a line's operator actually gets
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's 101-point recall grid
 CONF_POINTS = np.linspace(0.0, 1.0, 1000)  # where precision, recall and F1 are compared
@@ -157,6 +158,11 @@ class DetectionStats:
     pred_cls: list = field(default_factory=list)
     target_cls: list = field(default_factory=list)
     images: int = 0
+    # image level, at the line's threshold: the question a line asks is "defect or not"
+    defect_images: int = 0  # with at least one true box
+    clean_images: int = 0  # defect-free
+    missed_images: int = 0  # defect images with no detection >= OPERATING_CONF on any true box (IoU 0.5)
+    overkill_images: int = 0  # defect-free images with any detection >= OPERATING_CONF
 
     def add(self, pred_xyxy: np.ndarray, scores: np.ndarray, pred_cls: np.ndarray,
             true_xyxy: np.ndarray, true_cls: np.ndarray) -> None:
@@ -167,9 +173,23 @@ class DetectionStats:
         self.pred_cls.append(pred_cls)
         self.target_cls.append(np.asarray(true_cls))
         self.images += 1
+        kept = pred_xyxy[scores >= OPERATING_CONF]
+        if len(true_xyxy):  # class-agnostic: any kept detection on any true box finds the defect
+            self.defect_images += 1
+            self.missed_images += not (len(kept) and (box_iou(true_xyxy, kept) >= MATCH_IOU).any())
+        else:
+            self.clean_images += 1
+            self.overkill_images += bool(len(kept))
 
     def summary(self, names: list[str]) -> dict:
-        """The KEYS, plus `images` and `instances` (ground-truth boxes)."""
+        """The KEYS, plus `images`, `instances` (ground-truth boxes) and the image-level counts and
+        rates: `miss_rate` (defect images missed), `overkill_rate` (defect-free images flagged),
+        None where the split has no image of that kind."""
         cat = [np.concatenate(v) if v else np.zeros(0) for v in (self.conf, self.pred_cls, self.target_cls)]
         tp = np.concatenate(self.tp) if self.tp else np.zeros((0, len(IOU_THRESHOLDS)), bool)
-        return {**detection_metrics(tp, *cat, names), "images": self.images, "instances": int(len(cat[2]))}
+        d, c = self.defect_images, self.clean_images
+        return {**detection_metrics(tp, *cat, names), "images": self.images, "instances": int(len(cat[2])),
+                "defect_images": d, "clean_images": c, "missed_images": self.missed_images,
+                "overkill_images": self.overkill_images,
+                "miss_rate": round(self.missed_images / d, 5) if d else None,
+                "overkill_rate": round(self.overkill_images / c, 5) if c else None}

@@ -35,6 +35,9 @@ def table(models: dict[str, dict]) -> str:
     lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for k in ROWS:
         lines.append(f"| {k} | " + " | ".join(_fmt(models[c].get(k)) for c in cols) + " |")
+    for k in ("miss_rate", "overkill_rate"):  # image level at conf 0.25, where the split has such images
+        if any(models[c].get(k) is not None for c in cols):
+            lines.append(f"| {k} | " + " | ".join(_fmt(models[c].get(k)) for c in cols) + " |")
     for n in names:
         lines.append(f"| AP50 {n} | " + " | ".join(_fmt((models[c].get("per_class_AP50") or {}).get(n)) for c in cols) + " |")
     lines.append("| params | " + " | ".join(_fmt(models[c].get("params"), ",") for c in cols) + " |")

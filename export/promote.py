@@ -33,7 +33,6 @@ LOWER_IS_BETTER = ("miss_rate", "overkill_rate")  # image-level, at the line's t
 GATES = {"mAP50": 0.005, "mAP50-95": 0.005, "recall@0.25": 0.01}
 CLASS_TOLERANCE = 0.05
 RATE_KEYS = ("miss_rate", "overkill_rate", "missed_images", "overkill_images")
-MATCH_IOU = 0.5  # a defect counts as found when a detection overlaps a true box this much
 REPORT = "promotion"  # promotion.md + promotion.json
 EPS = 1e-9  # metrics are rounded to 5 decimals; a delta equal to -tolerance must pass
 VAL_NOTE = ("split val chose the checkpoints (best.pt), so it flatters both models; "
@@ -230,48 +229,13 @@ def check_names(cand: Scored, dep: Scored, layout: DatasetLayout) -> None:
 
 # --- scoring ---------------------------------------------------------------------------------
 
-def image_rates(model: Path, layout: DatasetLayout, split: str, imgsz: tuple[int, int]) -> dict:
-    """Miss and overkill rates at the line's threshold (conf 0.25, the runtime's NMS).
-
-    `evaluate_onnx` returns only the summary, not its detections, so this is a second pass through
-    the same runtime code (letterbox, decode, NMS). NMS lets only a higher score suppress a box, so
-    these are evaluation's own detections above 0.25.
-    """
-    from d3n.boxes import box_iou, xywh2xyxy
-    from d3n.export.calib import read_image
-    from d3n.export.evaluate import IOU, MAX_DET
-    from d3n.export.parity import ort_run, ort_session
-    from d3n.metrics import OPERATING_CONF
-    from d3n.runtime.postprocess import class_thresholds, postprocess
-    from d3n.runtime.preprocess import prepare
-
-    session = ort_session(model)
-    thresholds = class_thresholds(layout.nc, OPERATING_CONF)
-    missed = overkill = 0
-    for path in layout.images(split):
-        img = read_image(path)
-        blob, lb = prepare(img, imgsz)
-        det = postprocess(ort_run(session, [blob])[0], lb, thresholds, iou=IOU, max_det=MAX_DET)
-        h, w = img.shape[:2]
-        truth = xywh2xyxy(layout.labels(path)[:, 1:5] * np.array([w, h, w, h], np.float32))
-        if len(truth):  # class-agnostic: the line's question is "defect or not"
-            missed += not (len(det) and (box_iou(det.xyxy, truth) >= MATCH_IOU).any())
-        else:
-            overkill += bool(len(det))
-    return {"missed_images": missed, "overkill_images": overkill}
-
-
-def score(side: Scored, layout: DatasetLayout, split: str, stats: dict) -> dict:
+def score(side: Scored, layout: DatasetLayout, split: str) -> dict:
     from d3n.export.evaluate import evaluate_onnx
 
     imgsz = tuple(side.sidecar.imgsz)
     log.info("scoring %s %s on %s (%s) at %s", side.role, side.onnx.name, split, layout.yaml_path, imgsz)
-    metrics = evaluate_onnx(side.onnx, layout.root, imgsz, split)
-    counts = image_rates(side.onnx, layout, split, imgsz)
-    d, c = stats["defect_images"], stats["clean_images"]
-    metrics["miss_rate"] = round(counts["missed_images"] / d, 5) if d else None
-    metrics["overkill_rate"] = round(counts["overkill_images"] / c, 5) if c else None
-    return {**metrics, **counts}
+    # one pass: the summary holds the image-level counts and rates at the line's threshold (d3n.metrics)
+    return evaluate_onnx(side.onnx, layout.root, imgsz, split)
 
 
 # --- the decision ----------------------------------------------------------------------------
@@ -425,8 +389,8 @@ def promote(opts: PromoteOptions) -> PromotionResult:
     with tempfile.TemporaryDirectory(prefix="d3n-promote-") as tmp:
         cand, dep = _prepare_models(opts, Path(tmp))
         check_names(cand, dep, layout)
-        dep_m = score(dep, layout, split, stats)
-        cand_m = score(cand, layout, split, stats)
+        dep_m = score(dep, layout, split)
+        cand_m = score(cand, layout, split)
         report = build_report(opts, layout, split, stats, cand, dep, cand_m, dep_m)
         release = opts.release or Path("releases") / cand.sidecar.model_sha256[:12]
         return _finish(report, cand, release)

@@ -10,17 +10,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmds = data.add_subparsers(dest="data_command", metavar="ACTION")
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
 
-    p = cmds.add_parser("import", help="import a VOC / YOLO / COCO dataset into the d3n YOLO layout",
+    p = cmds.add_parser("import", help="import a VOC / YOLO / COCO / mask dataset into the d3n YOLO layout",
                         description="Autodetects the format: VOC (ANNOTATIONS/ or Annotations/ with IMAGES/ "
                         "or JPEGImages/), YOLO (data.yaml with images/ and labels/), COCO (a .json with "
-                        "images, annotations, categories). Every image is decoded and every box checked; "
+                        "images, annotations, categories) or masks (one mask PNG per image: images/ + "
+                        "masks/, MVTec-like ground_truth/, KSDD2-like *_GT.png; each mask region becomes a "
+                        "box, an all-zero mask a defect-free image). Every image is decoded and every box checked; "
                         "all problems are listed before failing. Splits are train, val and an optional "
                         "held-out test (data.yaml then has test: images/test); the source's own test split "
                         "(YOLO test: folder or images/test, COCO instances_test*.json beside the train/val "
                         "JSONs) is kept. An empty train split is an error unless --eval-only is given.")
     p.add_argument("src", help="source dataset folder (or COCO .json / YOLO data.yaml)")
     p.add_argument("--out", required=True, help="dataset folder to create")
-    p.add_argument("--format", choices=("voc", "yolo", "coco"), help="source format (default: autodetect)")
+    p.add_argument("--format", choices=("voc", "yolo", "coco", "masks"), help="source format (default: autodetect)")
     p.add_argument("--splits", help="folder with train.txt and val.txt listing stems, and optionally test.txt "
                                     "(a stem in none of them, or in two, is an error)")
     p.add_argument("--val-frac", type=float, default=None,
@@ -50,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", required=True, help="dataset folder to add to (with data.yaml)")
     p.add_argument("--split", default="train", choices=("train", "val"),
                    help="where the images go (default train; the test split stays fixed)")
-    p.add_argument("--format", choices=("voc", "yolo", "coco"), help="format of NEW (default: autodetect)")
+    p.add_argument("--format", choices=("voc", "yolo", "coco", "masks"), help="format of NEW (default: autodetect)")
     p.add_argument("--skip-bad", action="store_true", help="leave bad images out instead of failing")
     p.set_defaults(func=_add)
 

@@ -23,7 +23,7 @@ from d3n.data.validate import FileProblem, Problem, check_box_px, check_image, f
 from d3n.errors import DataError
 
 log = logging.getLogger(__name__)
-FORMATS = ("voc", "yolo", "coco")
+FORMATS = ("voc", "yolo", "coco", "masks")
 REPORT = "import_report.json"
 
 
@@ -44,13 +44,14 @@ class Checked:
 
 def read_source(src: Path, fmt: str | None) -> Source:
     from d3n.data.coco import read_coco
+    from d3n.data.masks import read_masks
     from d3n.data.voc import read_voc
     from d3n.data.yolo_source import read_yolo
 
     fmt = fmt or detect_format(src)
     if fmt not in FORMATS:
         raise DataError(f"--format must be one of {', '.join(FORMATS)} (got {fmt})")
-    return {"voc": read_voc, "yolo": read_yolo, "coco": read_coco}[fmt](src)
+    return {"voc": read_voc, "yolo": read_yolo, "coco": read_coco, "masks": read_masks}[fmt](src)
 
 
 def parse_names(value: str | None) -> list[str] | None:

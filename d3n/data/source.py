@@ -89,9 +89,14 @@ def detect_format(src: Path) -> str:
         return "voc"
     if coco_jsons(src):
         return "coco"
+    from d3n.data.masks import layout_of
+
+    if layout_of(src):
+        return "masks"
     raise DataError(f"{src}: cannot tell the dataset format: expected VOC (ANNOTATIONS/ or Annotations/ "
-                    "with IMAGES/ or JPEGImages/), YOLO (data.yaml) or COCO (a .json with images, "
-                    "annotations, categories); pass --format")
+                    "with IMAGES/ or JPEGImages/), YOLO (data.yaml), COCO (a .json with images, "
+                    "annotations, categories) or masks (images/ + masks/, MVTec-like ground_truth/, "
+                    "KSDD2-like *_GT.png); pass --format")
 
 
 def voc_dirs(src: Path) -> tuple[Path, Path]:

@@ -22,7 +22,7 @@ class SynthSpec(StrictModel):
 class Config(StrictModel):
     synth: SynthSpec | None = None  # generate the synthetic defect dataset, or
     source: Path | None = None  # import this dataset (VOC / YOLO / COCO)
-    format: Literal["voc", "yolo", "coco"] | None = None
+    format: Literal["voc", "yolo", "coco", "masks"] | None = None
     splits: Path | None = None  # folder with train.txt / val.txt [/ test.txt] stems
     val_frac: float = 0.2
     test_frac: float | None = None  # a seeded held-out test split, when the source has none

@@ -168,3 +168,21 @@ def test_agrees_with_ultralytics(seed):
     m = detection_metrics(tp, conf, pred_cls, target_cls, ["a", "b", "c"])
     assert m["mAP50"] == pytest.approx(ul[5][:, 0].mean(), abs=1e-3)
     assert m["mAP50-95"] == pytest.approx(ul[5].mean(), abs=1e-3)
+
+
+def test_image_level_miss_and_overkill_rates_at_the_operating_threshold():
+    """A defect image is found when a detection >= 0.25 overlaps any true box (IoU >= 0.5, any
+    class); a defect-free image is overkill when any detection >= 0.25 is on it."""
+    box = np.array([[10, 10, 50, 50]], np.float32)
+    s = DetectionStats()
+    s.add(box, np.array([0.9]), np.array([1]), box, np.array([0]))  # found (the class does not matter)
+    s.add(box, np.array([0.2]), np.array([0]), box, np.array([0]))  # missed: below the threshold
+    s.add(box + 100, np.array([0.9]), np.array([0]), box, np.array([0]))  # missed: elsewhere
+    s.add(box, np.array([0.3]), np.array([0]), np.zeros((0, 4)), np.zeros(0))  # overkill
+    s.add(box, np.array([0.1]), np.array([0]), np.zeros((0, 4)), np.zeros(0))  # clean, fine
+    m = s.summary(["a", "b"])
+    assert (m["defect_images"], m["missed_images"], m["clean_images"], m["overkill_images"]) == (3, 2, 2, 1)
+    assert m["miss_rate"] == pytest.approx(2 / 3, abs=1e-5) and m["overkill_rate"] == 0.5
+    only_defects = DetectionStats()
+    only_defects.add(box, np.array([0.9]), np.array([0]), box, np.array([0]))
+    assert only_defects.summary(["a"])["overkill_rate"] is None  # not measurable: no defect-free image

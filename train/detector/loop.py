@@ -296,7 +296,8 @@ def weights_key(tcfg: TrainConfig) -> dict:
     return {"weights": sha256_file(tcfg.weights)}
 
 
-SCORES = ("mAP50", "mAP50-95", "precision", "recall", "recall@0.25", "per_class_AP50")
+SCORES = ("mAP50", "mAP50-95", "precision", "recall", "recall@0.25", "per_class_AP50", "miss_rate",
+          "overkill_rate", "defect_images", "clean_images")
 
 
 def summary(best: dict) -> dict:

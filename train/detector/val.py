@@ -46,6 +46,10 @@ def format_table(rows: dict[str, dict], names: list[str]) -> str:
     for n in names:
         lines.append(f"AP50 {n}"[:18].ljust(18)
                      + "".join(f"{rows[c].get('per_class_AP50', {}).get(n, float('nan')):.3f}".rjust(width) for c in cols))
+    for k in ("miss_rate", "overkill_rate"):  # image level, at conf 0.25; only where the split has such images
+        if any(rows[c].get(k) is not None for c in cols):
+            lines.append(k.ljust(18) + "".join((f"{rows[c][k]:.3f}" if rows[c].get(k) is not None else "-").rjust(width)
+                                               for c in cols))
     for k in ("params", "gflops"):
         if all(k in rows[c] for c in cols):
             lines.append(k.ljust(18) + "".join(f"{rows[c][k]:,}".rjust(width) for c in cols))

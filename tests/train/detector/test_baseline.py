@@ -128,3 +128,21 @@ def test_device_is_checked_before_training(synth_small, tmp_path, capsys):
                    *[f"--{k}={v}" for k, v in TINY.items() if k != "device"]])
         err = capsys.readouterr().err
         assert rc != 0 and "'cuda' is not available" in err
+
+
+def test_val_reports_image_level_rates_when_the_split_has_defect_free_images(baseline_run, synth_small,
+                                                                             tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_small, data)
+    first = sorted((data / "labels" / "val").glob("*.txt"))[0]
+    first.write_text("")  # that val image is now defect-free
+    out = tmp_path / "val.json"
+    assert main(["val", "--model", str(baseline_run / "best.pt"), "--data", str(data), "--imgsz", "128",
+                 "--json", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["clean_images"] == 1 and m["defect_images"] == m["images"] - 1
+    assert m["overkill_rate"] in (0.0, 1.0) and 0.0 <= m["miss_rate"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "miss_rate" in printed and "overkill_rate" in printed
