@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "d3n.train.cli",  # d3n train baseline, d3n val, d3n teacher
     "d3n.train.ddpm.cli",  # d3n ddpm train (stage 1: the DDPM)
     "d3n.train.repository.cli",  # d3n repo, d3n resvae (stage 1: feature repository)
+    "d3n.train.generator.cli",  # d3n generator train (the defect generator)
+    "d3n.train.augment.cli",  # d3n augment
     "d3n.distill.cli",  # d3n distill
     "d3n.pipeline_cli",  # d3n pipeline, d3n demo
     "d3n.experiment.cli",  # d3n experiment

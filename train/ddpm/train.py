@@ -83,13 +83,21 @@ def batch_indices(step: int, n_images: int, batch: int, seed: int) -> torch.Tens
 
 
 class Trainer:
+    """The one DDPM training loop's step: the stage-1 DDPM, and with `labels` (a class per image)
+    the class-conditional defect generator, trained for classifier-free guidance: a share
+    `p_uncond` of each batch gets the null class (the last class embedding)."""
+
     def __init__(self, cfg: DDPMTrainConfig, images: torch.Tensor, total: int,
-                 device: torch.device | str = "cpu", world: distributed.World | None = None):
+                 device: torch.device | str = "cpu", world: distributed.World | None = None,
+                 labels: torch.Tensor | None = None, unet: dict[str, Any] | None = None, p_uncond: float = 0.0):
         torch.manual_seed(cfg.seed)
         self.cfg, self.images, self.total = cfg, images, total
+        self.labels, self.p_uncond = labels, p_uncond
         self.device = torch.device(device)
         # initialised on the CPU (same weights for a given seed on any device), then moved
-        self.unet = build_unet(unet_config(cfg.preset, cfg.size)).to(self.device)
+        self.unet_config = unet or unet_config(cfg.preset, cfg.size)
+        self.null = self.unet_config.get("num_class_embeds", 0) - 1  # the null class of guidance
+        self.unet = build_unet(self.unet_config).to(self.device)
         self.world = world or distributed.world()
         if cfg.batch % self.world.size:
             raise ConfigError(f"batch {cfg.batch} is split among {self.world.size} processes: it must divide evenly")
@@ -109,9 +117,14 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=self.gen)
         t = torch.randint(0, T_STEPS, (x0.shape[0],), generator=self.gen)
         share = slice(self.world.rank, None, self.world.size)  # this rank's part of the batch
+        kw = {}
+        if self.labels is not None:  # drawn after noise and t: the unconditional stream stays as it was
+            y = self.labels[idx].clone()
+            y[torch.rand(len(y), generator=self.gen) < self.p_uncond] = self.null
+            kw["class_labels"] = y[share].to(self.device)
         x0, noise, t = x0[share].to(self.device), noise[share].to(self.device), t[share].to(self.device)
         xt = self.scheduler.add_noise(x0, noise, t)
-        loss = F.mse_loss(self.net(xt, t).sample, noise)
+        loss = F.mse_loss(self.net(xt, t, **kw).sample, noise)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -169,16 +182,8 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, progress: bool = True) -> 
     images = load_images(paths, cfg.size)
     total = total_steps(cfg, len(paths))
     trainer = Trainer(cfg, images, total, device)
-    if (out / CHECKPOINT).exists():
-        trainer.resume(out / CHECKPOINT)
-    with manifest.timed("train"), tqdm(total=total, initial=trainer.step, desc="ddpm train",
-                                       disable=not (progress and main)) as bar:
-        while trainer.step < total:
-            loss = trainer.train_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if main and (trainer.step % cfg.ckpt_every == 0 or trainer.step == total):
-                trainer.save(out / CHECKPOINT)
+    with manifest.timed("train"):
+        fit(trainer, out, "ddpm train", progress)
     if not main:
         return {"steps": trainer.step}
     config = {"preset": cfg.preset, "unet": unet_config(cfg.preset, cfg.size), "T": T_STEPS,
@@ -192,6 +197,21 @@ def train_ddpm(cfg: DDPMTrainConfig, out: str | Path, progress: bool = True) -> 
     write_json(out / METRICS, metrics)
     manifest.complete(outputs=[WEIGHTS, METRICS, CONFIG])
     return metrics
+
+
+def fit(trainer: Trainer, out: Path, desc: str, progress: bool = True) -> None:
+    """Resume from `out`'s checkpoint if there is one and train to `trainer.total` steps, saving
+    the state every `ckpt_every` steps (rank 0)."""
+    main = trainer.world.main
+    if (out / CHECKPOINT).exists():
+        trainer.resume(out / CHECKPOINT)
+    with tqdm(total=trainer.total, initial=trainer.step, desc=desc, disable=not (progress and main)) as bar:
+        while trainer.step < trainer.total:
+            loss = trainer.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if main and (trainer.step % trainer.cfg.ckpt_every == 0 or trainer.step == trainer.total):
+                trainer.save(out / CHECKPOINT)
 
 
 def finetune_ddpm(cfg: DDPMTrainConfig, out: str | Path, steps: int, progress: bool = True) -> dict[str, Any]:

@@ -1,0 +1,160 @@
+"""`d3n augment`: four methods, one interface; train split only; exact outside the mask; resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from d3n.artifacts import read_json
+from d3n.cli import main
+from d3n.data.layout import DatasetLayout
+from d3n.errors import ConfigError, DataError
+from d3n.train.augment import methods
+from d3n.train.augment.augment import PLAN, augment, plan_counts
+from d3n.train.augment.params import Params
+
+FAST = Params(steps=5)
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _rgb(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+def _user_mask(two_class: Path, tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
+    """A mask folder with one ellipse on a defect-free train image."""
+    layout = DatasetLayout.open(two_class)
+    target = next(p for p in layout.images("train") if not len(layout.labels(p)))
+    mask = np.zeros((64, 64), np.uint8)
+    cv2.ellipse(mask, ((30, 26), (18, 12), 0), 255, -1)
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    cv2.imwrite(str(folder / f"{target.stem}.png"), mask)
+    return folder, target, mask > 0
+
+
+def test_paste_writes_train_only_is_deterministic_and_sheets_for_review(two_class, tmp_path):
+    kw = {"masks": "random", "seed": 3, "progress": False}
+    a = augment(two_class, tmp_path / "a", "paste", {"bright": 2, "dark": 1}, **kw)
+    augment(two_class, tmp_path / "b", "paste", {"bright": 2, "dark": 1}, **kw)
+    assert a["kept"] == 3 and a["per_class"] == {"bright": 2, "dark": 1}
+    assert _files(tmp_path / "a" / "images" / "train") == _files(tmp_path / "b" / "images" / "train")
+    for split in ("val", "test"):  # untouched: a generated image never chooses or reports
+        assert _files(tmp_path / "a" / "images" / split) == _files(two_class / "images" / split)
+        assert _files(tmp_path / "a" / "labels" / split) == _files(two_class / "labels" / split)
+    state = read_json(tmp_path / "a" / PLAN)
+    for item in state["items"]:
+        rows = np.loadtxt(tmp_path / "a" / "labels" / "train" / item["image"].replace(".png", ".txt"), ndmin=2)
+        x0, y0, x1, y1 = item["box"]
+        assert [int(rows[-1][0])] == [["bright", "dark"].index(item["class"])]
+        assert rows[-1][1:] == pytest.approx([(x0 + x1) / 128, (y0 + y1) / 128, (x1 - x0) / 64, (y1 - y0) / 64], abs=1e-5)
+    assert read_json(tmp_path / "a" / "versions.json")["versions"][-1]["added"]["train"] == \
+        [it["image"].removesuffix(".png") for it in state["items"]]
+    for name in ("bright", "dark"):
+        sheet = cv2.imread(str(tmp_path / "a" / "contact_sheets" / f"{name}.png"))
+        assert sheet is not None and sheet.shape[0] >= 128  # real row + generated row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["inpaint", "blend"])
+def test_generated_region_only_changes(method, two_class, generator_run, tmp_path):
+    folder, target, mask = _user_mask(two_class, tmp_path)
+    augment(two_class, tmp_path / "out", method, {"dark": 1}, masks=str(folder), generator=generator_run,
+            params=FAST, progress=False)
+    item = read_json(tmp_path / "out" / PLAN)["items"][0]
+    new, old = _rgb(tmp_path / "out" / "images" / "train" / item["image"]), _rgb(target)
+    ys, xs = np.nonzero(mask)
+    assert item["box"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]  # the box is the mask's box
+    if method == "inpaint":
+        outside = ~mask
+    else:  # blend: the transition band around the mask may change too, nothing beyond it
+        band = int(np.ceil(max(2.0, 0.25 * min(np.ptp(xs) + 1, np.ptp(ys) + 1)))) + 1
+        outside = cv2.dilate(mask.astype(np.uint8), np.ones((2 * band + 1,) * 2, np.uint8)) == 0
+    assert np.array_equal(new[outside], old[outside])  # bit for bit
+    assert not np.array_equal(new[mask], old[mask])
+
+
+@pytest.mark.slow
+def test_sdedit_redraws_a_real_defect_in_its_box(two_class, generator_run, tmp_path):
+    r = augment(two_class, tmp_path / "out", "sdedit", {"bright": 2}, masks="boxes", generator=generator_run,
+                params=FAST, progress=False)
+    assert r["kept"] == 2
+    for item in read_json(tmp_path / "out" / PLAN)["items"]:
+        rows = np.loadtxt(tmp_path / "out" / "labels" / "train" / item["image"].replace(".png", ".txt"), ndmin=2)
+        assert len(rows) == 1  # the real box it redrew, not a second one
+
+
+def test_balance_tops_each_class_up(two_class, tmp_path):
+    layout = DatasetLayout.open(two_class)
+    counts = plan_counts(layout, None, None, 14)
+    assert counts == {"bright": 2, "dark": 2}  # 12 real boxes each
+    augment(two_class, tmp_path / "out", "paste", counts, progress=False)
+    boxes = [row[0] for p in DatasetLayout.open(tmp_path / "out").images("train")
+             for row in DatasetLayout.open(tmp_path / "out").labels(p).tolist()]
+    assert boxes.count(0) == 14 and boxes.count(1) == 14
+
+
+def test_killed_run_resumes_to_the_same_images(two_class, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    augment(two_class, whole, "paste", {"bright": 3}, progress=False)
+    real, calls = methods.paste, []
+
+    def dies_on_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(methods, "paste", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        augment(two_class, killed, "paste", {"bright": 3}, progress=False)
+    assert len(read_json(killed / PLAN)["items"]) == 1
+    monkeypatch.setattr(methods, "paste", real)
+    augment(two_class, killed, "paste", {"bright": 3}, progress=False)
+    assert _files(killed / "images" / "train") == _files(whole / "images" / "train")
+    with pytest.raises(DataError, match="other settings .*seed"):
+        augment(two_class, killed, "paste", {"bright": 3}, seed=1, progress=False)
+
+
+def test_quality_check_rejects_what_the_detector_does_not_see(two_class, tmp_path):
+    from d3n.train.detector import model as detector
+
+    untrained = detector.build(2, ["bright", "dark"])
+    detector.save(untrained, tmp_path / "blind.pt", {"imgsz": 64}, {})
+    r = augment(two_class, tmp_path / "out", "paste", {"dark": 2}, check_model=tmp_path / "blind.pt", progress=False)
+    assert r["rejected"] == 2 and r["kept"] == 0
+    items = read_json(tmp_path / "out" / PLAN)["items"]
+    assert all(not it["kept"] and it["check"]["reason"] for it in items)
+    assert sorted(p.name for p in (tmp_path / "out" / "rejected").glob("*.png")) == [it["image"] for it in items]
+    assert not list((tmp_path / "out" / "images" / "train").glob("aug_*"))
+
+
+def test_bad_input_is_named_and_nothing_is_written(two_class, generator_run, tmp_path, capsys):
+    layout = DatasetLayout.open(two_class)
+    with pytest.raises(ConfigError, match=r"unknown class\(es\) \['rust'\]"):
+        plan_counts(layout, ["rust"], 2, None)
+    no_dark = tmp_path / "no_dark"
+    shutil.copytree(two_class, no_dark)
+    for lbl in (no_dark / "labels" / "train").glob("*.txt"):
+        lbl.write_text("".join(line + "\n" for line in lbl.read_text().splitlines() if not line.startswith("1 ")))
+    with pytest.raises(DataError, match=r"no train box of class\(es\) \['dark'\]"):
+        plan_counts(DatasetLayout.open(no_dark), None, None, 20)
+    folder, target, _ = _user_mask(two_class, tmp_path)
+    big = np.zeros((64, 80), np.uint8)
+    big[10:20, 10:20] = 255
+    cv2.imwrite(str(folder / f"{target.stem}.png"), big)
+    with pytest.raises(DataError, match=rf"{target.stem}\.png: mask is 80x64 but .*{target.name} is 64x64"):
+        augment(two_class, tmp_path / "out", "inpaint", {"dark": 1}, masks=str(folder), generator=generator_run,
+                progress=False)
+    assert not (tmp_path / "out").exists()
+    assert main(["augment", str(two_class), "--out", str(tmp_path / "o2"), "--method", "sdedit", "--count", "1"]) != 0
+    assert "--generator" in capsys.readouterr().err and not (tmp_path / "o2").exists()

@@ -1,0 +1,117 @@
+"""Where a new defect goes: a target image of the train split and a mask on it.
+
+Masks come from the user (`DIR/<target stem>.png`, one per target image, the image's size),
+from the real boxes of the target (an ellipse inside one of them: a new defect where one was), or
+at random (an ellipse the size of a real box of the class, on a defect-free image when the split
+has some, away from the boxes already there). The new box is the mask's bounding box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from d3n.data.layout import DatasetLayout
+from d3n.errors import DataError
+
+
+@dataclass
+class Target:
+    image: Path
+    mask: np.ndarray  # bool (h, w): where the defect is drawn
+    box: tuple[int, int, int, int]  # the mask's bounding box (x0, y0, x1, y1), pixels
+    source: str  # how the mask was chosen, for the manifest
+
+
+def ellipse(h: int, w: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The ellipse inscribed in `box`, a pixel away from the image border (Poisson cloning needs one)."""
+    x0, y0, x1, y1 = box
+    m = np.zeros((h, w), np.uint8)
+    cv2.ellipse(m, (((x0 + x1) / 2, (y0 + y1) / 2), (max(x1 - x0, 2), max(y1 - y0, 2)), 0), 1, -1)
+    m[[0, -1]] = 0
+    m[:, [0, -1]] = 0
+    return m.astype(bool)
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def pixel_boxes(layout: DatasetLayout, image: Path, w: int, h: int) -> list[tuple[int, tuple[int, int, int, int]]]:
+    return [(int(c), (int((cx - bw / 2) * w), int((cy - bh / 2) * h), int(np.ceil((cx + bw / 2) * w)),
+                      int(np.ceil((cy + bh / 2) * h)))) for c, cx, cy, bw, bh in layout.labels(image).tolist()]
+
+
+class Placer:
+    def __init__(self, layout: DatasetLayout, how: str, user_masks: Path | None = None):
+        if how not in ("random", "boxes", "dir"):
+            raise DataError(f"--masks {how}: expected random, boxes or a folder of PNGs")
+        self.layout, self.how, self.user = layout, how, user_masks
+        self.images = layout.images("train")
+        self.clean = [p for p in self.images if not len(layout.labels(p))]
+        self.with_boxes = [p for p in self.images if len(layout.labels(p))]
+        self.sizes: dict[int, list[tuple[float, float]]] = {}  # real box sizes per class, as image fractions
+        for p in self.with_boxes:
+            for c, _, _, bw, bh in layout.labels(p).tolist():
+                self.sizes.setdefault(int(c), []).append((bw, bh))
+        if how == "dir":
+            self.user_files = sorted(Path(user_masks).glob("*.png")) if user_masks and Path(user_masks).is_dir() else []
+            if not self.user_files:
+                raise DataError(f"{user_masks}: no mask PNGs (one per target image, named after it)")
+            by_stem = {p.stem: p for p in self.images}
+            missing = [m.name for m in self.user_files if m.stem not in by_stem]
+            if missing:
+                raise DataError(f"{user_masks}/{missing[0]}: no train image named {Path(missing[0]).stem}.* "
+                                f"in {layout.splits['train']} ({len(missing)} such masks)")
+            self.user_images = [by_stem[m.stem] for m in self.user_files]
+            for m, img in zip(self.user_files, self.user_images, strict=True):  # all checked before anything is made
+                mask = cv2.imread(str(m), cv2.IMREAD_GRAYSCALE)
+                if mask is None:
+                    raise DataError(f"{m}: unreadable mask")
+                with Image.open(img) as im:
+                    w, h = im.size
+                if mask.shape != (h, w):
+                    raise DataError(f"{m}: mask is {mask.shape[1]}x{mask.shape[0]} but {img} is {w}x{h}")
+                if not mask.any():
+                    raise DataError(f"{m}: empty mask (nothing to draw into)")
+
+    def place(self, cls: int, rng: np.random.Generator, h_w: dict[Path, tuple[int, int]]) -> Target:
+        if self.how == "dir":
+            k = int(rng.integers(len(self.user_files)))
+            img, path = self.user_images[k], self.user_files[k]
+            mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 0  # checked at construction
+            return Target(img, mask, mask_box(mask), f"mask {path.name}")
+        if self.how == "boxes":
+            pool = [p for p in self.with_boxes if any(c == cls for c, *_ in self.layout.labels(p).tolist())]
+            pool = pool or self.with_boxes
+            img = pool[int(rng.integers(len(pool)))]
+            h, w = h_w[img]
+            boxes = pixel_boxes(self.layout, img, w, h)
+            box = boxes[int(rng.integers(len(boxes)))][1]
+            mask = ellipse(h, w, box)
+            return Target(img, mask, mask_box(mask), f"ellipse in a real box of {img.name}")
+        pool = self.clean or self.images
+        sizes = self.sizes.get(cls)
+        if not sizes:
+            raise DataError(f"class '{self.layout.names[cls]}' has no box in the train split: no size to draw it at")
+        for _ in range(50):
+            img = pool[int(rng.integers(len(pool)))]
+            h, w = h_w[img]
+            bw, bh = sizes[int(rng.integers(len(sizes)))]
+            bw, bh = min(max(int(bw * w), 4), w - 2), min(max(int(bh * h), 4), h - 2)
+            # a pixel from the border: Poisson cloning (paste) needs one around the region
+            x0, y0 = int(rng.integers(1, max(w - bw, 2))), int(rng.integers(1, max(h - bh, 2)))
+            box = (x0, y0, min(x0 + bw, w - 1), min(y0 + bh, h - 1))
+            if all(_disjoint(box, b) for _, b in pixel_boxes(self.layout, img, w, h)):
+                mask = ellipse(h, w, box)
+                return Target(img, mask, mask_box(mask), f"random on {img.name}")
+        raise DataError(f"no free place for a '{self.layout.names[cls]}' defect on 50 tries: the train images are full")
+
+
+def _disjoint(a, b) -> bool:
+    return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
