@@ -85,7 +85,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     p.add_argument("--max-reconnects", type=int, default=None,
-                   help="give up after N consecutive failed (re)open attempts (default: retry forever)")
+                   help="retry a failed (re)open up to N times in a row, then give up: N + 1 attempts in all "
+                        "(default: retry forever)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /health and /metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for the metrics server (default 127.0.0.1)")
     p.add_argument("--view-port", type=int, default=None, metavar="P",

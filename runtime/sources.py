@@ -5,7 +5,7 @@ Live sources (cameras, devices, pipelines, URLs) keep only the newest frame: whe
 slower than the camera, older frames are dropped (and counted) instead of queueing up, so the
 latency from capture to result stays bounded however long the runtime runs. A live source that
 fails (read error, stream end) is reopened with exponential backoff, forever unless
-`max_reconnects` bounds the consecutive failed attempts. Files and folders are read in order
+`max_reconnects` = N allows N retries of a failed open in a row (N + 1 attempts). Files and folders are read in order
 through a bounded queue, no frame skipped; their end is the normal end of the run.
 Corrupt frames (undecodable images or video packets, empty or wrongly shaped frames) are
 counted, logged and skipped; a damaged stretch inside a video file is stepped over (see
