@@ -82,7 +82,9 @@ class Task(Protocol):
     """What a particular detector adds to the loop.
 
     A task may also define `identity() -> dict` (plain data: what else defines its run, e.g. its
-    stage config); it is saved with the training state, and a resume under another one is refused.
+    stage config); it is saved with the training state, and a resume under another one is refused;
+    and `unused_parameters = True` when some of its model's parameters may get no gradient (under
+    DDP the wrapper then looks for them every step).
     """
 
     model: torch.nn.Module  # the module being trained

@@ -68,6 +68,9 @@ def update(cfg: Config, inputs: dict[str, Path], out: Path, spec, previous: Path
 
 
 class TeacherTask:
+    # under DDP: an ablation (Tables I-III) can leave a branch's parameters out of the loss
+    unused_parameters = True
+
     def __init__(self, model: FusionTeacher, features: FeatureProvider, imgsz: int, extra: dict, ident: dict):
         self.model = model
         self.features = features
