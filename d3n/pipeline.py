@@ -85,6 +85,37 @@ class UpdateSpec(StrictModel):
     epochs: int | None = None  # fine-tuning epochs (default: a quarter of train.epochs, at least 1)
 
 
+class GeneratorSpec(StrictModel):
+    """The defect generator's training (train/generator): crops around the boxes, at `size`."""
+
+    preset: Literal["tiny", "paper"] = "tiny"
+    size: int = 64
+    context: float = 1.5
+    min_side: int = 32
+    p_uncond: float = 0.1
+    steps: int | None = None
+    epochs: int | None = 50
+    batch: int = 8
+    lr: float = 1e-4
+    lr_min: float = 0.0
+    ema: float = 0.999
+
+
+class AugmentSpec(StrictModel):
+    """Generated defect images added to the train split before anything trains (d3n augment)."""
+
+    method: Literal["sdedit", "inpaint", "blend", "paste"]
+    classes: list[str] | None = None  # default: every class
+    count: int | None = None  # new images per class, or
+    balance: int | None = None  # top each class up to this many train boxes
+    masks: str = "random"  # random, boxes, or a folder of PNG masks
+    strength: float = 0.6
+    guidance: float = 3.0
+    steps: int = 50
+    transition: float = 0.25
+    generator: GeneratorSpec = GeneratorSpec()
+
+
 class ExportSpec(StrictModel):
     formats: list[Literal["onnx", "onnx-int8"]] = ["onnx"]
     imgsz: int | None = None  # default: the training imgsz
@@ -105,6 +136,7 @@ class PipelineConfig(StrictModel):
     distill: DistillSpec = DistillSpec()
     export: ExportSpec = ExportSpec()
     update: UpdateSpec = UpdateSpec()
+    augment: AugmentSpec | None = None  # set: the augment stage's dataset replaces data/dataset downstream
 
     @model_validator(mode="after")
     def _one_device_seed_and_weights(self):
@@ -154,17 +186,34 @@ class Pipeline:
         return self.out / stage
 
     def inputs(self, stage: Stage, optional: set[str] = frozenset()) -> dict[str, Path]:
-        return {name: self.dir(i.stage) / i.path for name, i in stage.reads.items()
-                if not i.optional or name in optional}
+        """Where each artifact a stage reads lies; with `augment:` set, the imported dataset is
+        replaced by the augmented one for every stage after augmentation."""
+        out = {}
+        for name, i in stage.reads.items():
+            if i.optional and name not in optional:
+                continue
+            src = i.stage
+            if (src, i.path) == ("data", "dataset") and self.cfg.augment is not None \
+                    and stage.name not in ("generator", "augment"):
+                src = "augment"
+            out[name] = self.dir(src) / i.path
+        return out
+
+    def active(self, stage: Stage) -> bool:
+        impl = stage.impl()
+        return not hasattr(impl, "enabled") or impl.enabled(self.cfg)
 
     def run(self, stages: list[str] | None = None) -> dict:
-        wanted = stages or list(NAMES)
-        unknown = [s for s in wanted if s not in NAMES]
+        unknown = [s for s in stages or () if s not in NAMES]
         if unknown:
             raise ConfigError(f"unknown stages {unknown}; choose from {list(NAMES)}")
+        off = [s.name for s in STAGES if (stages is None or s.name in stages) and not self.active(s)]
+        if stages and off:
+            raise ConfigError(f"stage(s) {off} are off in this config (the augment: section turns them on)")
+        wanted = stages or [s.name for s in STAGES if s.name not in off]
         self.out.mkdir(parents=True, exist_ok=True)
         for stage in STAGES:
-            for dep in stage.upstream() if stage.name in wanted else ():
+            for dep in stage.upstream(self.inputs(stage), self.out) if stage.name in wanted else ():
                 if dep not in wanted and not (self.dir(dep) / MANIFEST).exists():
                     raise ConfigError(f"stage '{stage.name}' needs '{dep}', which has not run in {self.out}; "
                                       "include it in --stages")
@@ -248,7 +297,7 @@ class Pipeline:
         if not (self.dir(stage.name) / MANIFEST).exists() or state.get("data_version", 1) >= version:
             return False
         ok = ("skipped", "updated", "reused", "fine-tuned")
-        ups = stage.upstream(self.inputs(stage, set(stage.reads)))
+        ups = stage.upstream(self.inputs(stage, set(stage.reads)), self.out)
         return all(self.status.get(s, "skipped").startswith(ok) for s in ups if s != "data") and \
             self.status.get("data", "skipped").startswith("skipped")
 

@@ -16,6 +16,8 @@ A stage is one module that defines
   (the resumable stage-1 tools, which check their own with `is_complete` to resume or skip);
 - optionally `DISTRIBUTED = True`: under torchrun every rank runs it (a training loop that splits
   its batches across them, rank 0 writing); any other stage runs on rank 0 while the others wait;
+- optionally `enabled(pcfg) -> bool`: a stage the pipeline runs only when its config asks for it
+  (the defect generator and augmentation);
 - optionally `update(config, inputs, out, spec, previous)`: how a finished run catches up when
   the only change upstream is images added to the dataset (`d3n data add`). It returns metrics
   (brought up to date in place: a repository extended, a DDPM reused), a config (run afresh
@@ -67,8 +69,14 @@ class Stage:
     def impl(self) -> ModuleType:
         return importlib.import_module(self.module)
 
-    def upstream(self, inputs: dict[str, Path] | None = None) -> list[str]:
-        """The stages it reads: all of its required inputs' and, given `inputs`, the optional ones there."""
+    def upstream(self, inputs: dict[str, Path] | None = None, root: Path | None = None) -> list[str]:
+        """The stages it reads: all of its required inputs' and, given `inputs`, the optional ones there.
+        Given the run folder `root` too, the stage folders the inputs really lie in (the pipeline may
+        give a stage the augmented dataset where it declares the imported one)."""
+        if inputs is not None and root is not None:
+            base = Path(root).resolve()
+            return sorted({Path(p).resolve().relative_to(base).parts[0] for p in inputs.values()
+                           if Path(p).resolve().is_relative_to(base)})
         return sorted({i.stage for n, i in self.reads.items() if not i.optional or (inputs and n in inputs)})
 
     def wanted(self, config: Any, inputs: dict[str, Path]) -> set[str]:
@@ -95,7 +103,7 @@ def stage_key(stage: Stage, config: Any, root: Path, inputs: dict[str, Path]) ->
     fingerprints of the external files it reads, and the manifests of the stages it reads."""
     impl = stage.impl()
     external = impl.external(config) if hasattr(impl, "external") else {}
-    upstream = {s: fingerprint(root / s / MANIFEST) for s in stage.upstream(inputs)}
+    upstream = {s: fingerprint(root / s / MANIFEST) for s in stage.upstream(inputs, root)}
     blob = json.dumps({"stage": stage.name, "config": portable(identity(config, mode="json"), root),
                        "external": external, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -13,6 +13,13 @@ DATASET = Input("data", "dataset", "dataset folder (with data.yaml)")
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "d3n.data.stage", {}, ("dataset/data.yaml", "dataset/versions.json"), help="import or synthesise the dataset"),
+    # optional (the pipeline's `augment:` section): a defect generator, and the dataset with its images
+    # added to train, which every later stage then reads in place of data/dataset
+    Stage("generator", "d3n.train.generator.stage", {"data": DATASET}, ("generator.pt", METRICS),
+          help="the class-conditional defect generator (augment: sdedit, inpaint, blend)"),
+    Stage("augment", "d3n.train.augment.stage",
+          {"data": DATASET, "generator": Input("generator", ".", "defect generator run folder", optional=True)},
+          ("dataset/data.yaml", "dataset/augment.json"), help="generated defect images added to train"),
     Stage("ddpm", "d3n.train.ddpm.stage", {"data": DATASET}, ("ddpm.pt", METRICS),
           help="pre-train the DDPM on the train images (paper §III-B)"),
     Stage("repo", "d3n.train.repository.build_stage", {"ddpm": Input("ddpm", ".", "DDPM run folder"), "data": DATASET},

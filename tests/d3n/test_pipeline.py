@@ -11,7 +11,9 @@ import yaml
 
 from d3n.cli import main
 from d3n.pipeline import load_config
-from d3n.stages import NAMES as STAGES
+from d3n.stages import NAMES
+
+STAGES = [s for s in NAMES if s not in ("generator", "augment")]  # on only with an augment: section
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -219,3 +221,29 @@ def test_bad_config_names_file_and_field(tmp_path, capsys):
     assert main(["pipeline", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "epochs" in err
+
+
+def test_augment_section_feeds_every_later_stage_the_augmented_dataset(micro_config, tmp_path):
+    """With `augment:` the generator and augment stages run, and the chain after them reads
+    augment/dataset: the repository holds the generated train images' features too."""
+    cfg = tmp_path / "aug.yaml"
+    cfg.write_text(yaml.safe_dump({**micro_config, "out": str(tmp_path / "run"), "augment": {
+        "method": "sdedit", "classes": ["scratches"], "count": 2, "steps": 3, "masks": "boxes",
+        "generator": {"size": 16, "steps": 3, "epochs": None, "batch": 4, "min_side": 16}}}))
+    assert main(["pipeline", str(cfg), "--stages", "data,generator,augment,ddpm,repo"]) == 0
+    run = tmp_path / "run"
+    made = [it["image"].removesuffix(".png") for it in
+            json.loads((run / "augment" / "dataset" / "augment.json").read_text())["items"]]
+    assert len(made) == 2 and (run / "generator" / "generator.pt").exists()
+    ids = json.loads((run / "repo" / "train" / "store.json").read_text())["image_ids"]
+    assert set(made) <= set(ids)
+    assert not any(i.startswith("aug_") for i in json.loads((run / "repo" / "val" / "store.json").read_text())["image_ids"])
+    assert json.loads((run / "ddpm" / "manifest.json").read_text())["inputs"]["data_yaml"].startswith(
+        str(run / "augment" / "dataset"))
+
+
+def test_augment_stages_are_off_without_the_section(micro_pipeline, capsys):
+    cfg, out = micro_pipeline
+    assert not (out / "generator").exists() and not (out / "augment").exists()
+    assert main(["pipeline", str(cfg), "--stages", "augment"]) == 1
+    assert "off in this config" in capsys.readouterr().err

@@ -1,0 +1,47 @@
+"""The `augment` stage: when the pipeline config has an `augment:` section, the dataset every later
+stage reads is this stage's `dataset/`: the imported one with generated defect images added to
+its train split (val and test untouched)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from d3n.config import StrictModel
+from d3n.data.layout import DatasetLayout
+from d3n.train.augment.augment import augment, plan_counts
+from d3n.train.augment.params import Params
+from d3n.train.device import Device
+
+
+class Config(StrictModel):
+    method: str
+    counts: dict[str, int]
+    masks: str = "random"
+    strength: float = Params.strength
+    guidance: float = Params.guidance
+    steps: int = Params.steps
+    transition: float = Params.transition
+    seed: int = 0
+    device: Device = "cpu"
+
+
+def enabled(pcfg) -> bool:
+    return pcfg.augment is not None
+
+
+def wants(cfg: Config, inputs: dict[str, Path]) -> set[str]:
+    return set() if cfg.method == "paste" else {"generator"}
+
+
+def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
+    a = pcfg.augment
+    counts = plan_counts(DatasetLayout.open(inputs["data"]), a.classes, a.count, a.balance)
+    return Config(method=a.method, counts=counts, masks=a.masks, strength=a.strength, guidance=a.guidance,
+                  steps=a.steps, transition=a.transition, seed=pcfg.seed or 0, device=pcfg.device or "cpu")
+
+
+def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    params = Params(strength=cfg.strength, guidance=cfg.guidance, steps=cfg.steps, transition=cfg.transition)
+    return augment(inputs["data"], out / "dataset", cfg.method, cfg.counts, masks=cfg.masks,
+                   generator=inputs.get("generator"), params=params, seed=cfg.seed, device=cfg.device,
+                   progress=True)
