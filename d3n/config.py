@@ -33,6 +33,15 @@ def placement(default: Any, **kw: Any) -> Any:
     return Field(default, json_schema_extra=PLACEMENT, **kw)
 
 
+ADDED = {"added": True}  # json_schema_extra of a field added after runs existed (see `added`)
+
+
+def added(default: Any, **kw: Any) -> Any:
+    """A field added to a stage config after runs were made with it: at its default it stays out of
+    the identity, so those runs keep their keys (nothing reruns on upgrade); set, it enters."""
+    return Field(default, json_schema_extra=ADDED, **kw)
+
+
 def _is_placement(info: Any) -> bool:
     extra = info.json_schema_extra
     return isinstance(extra, dict) and bool(extra.get("placement"))
@@ -42,7 +51,8 @@ def _placement_exclude(cfg: BaseModel) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, info in type(cfg).model_fields.items():
         value = getattr(cfg, name)
-        if _is_placement(info):
+        extra = info.json_schema_extra
+        if _is_placement(info) or (isinstance(extra, dict) and extra.get("added") and value == info.default):
             out[name] = True
         elif isinstance(value, BaseModel) and (sub := _placement_exclude(value)):
             out[name] = sub

@@ -128,3 +128,13 @@ def test_rerun_after_data_add_catches_up(micro_config, tmp_path):
     states = {s: read_json(run / s / ".pipeline.json") for s in STAGES}
     assert {s: (st["made"], st["data_version"]) for s, st in states.items()} == dict.fromkeys(STAGES, ("ran", 3))
     assert not (run / "baseline" / "previous.pt").exists()
+
+
+def test_a_field_added_later_keeps_old_keys_at_its_default():
+    """teacher.start came with incremental updates: unset, it is not in the identity, so teacher
+    runs made before it existed keep their keys (an upgrade retrains nothing)."""
+    from d3n.config import identity
+    from d3n.train.teacher.stage import Config
+
+    assert "start" not in identity(Config())
+    assert identity(Config(start=Path("prev.pt")))["start"] == Path("prev.pt")

@@ -13,7 +13,7 @@ from typing import Literal
 
 from d3n import distributed
 from d3n.artifacts import METRICS, atomic_path, write_json
-from d3n.config import StrictModel, identity
+from d3n.config import StrictModel, added, identity
 from d3n.data.layout import DatasetLayout
 from d3n.distributed import unwrap
 from d3n.errors import ArtifactError
@@ -34,7 +34,7 @@ class Config(StrictModel):
     # baseline, so with the zero-initialised fusion the teacher starts exactly as the baseline and
     # whatever it gains comes from the DDPM branches
     init: Literal["weights", "baseline"] = "weights"
-    start: Path | None = None  # a teacher's best.pt to continue from (an incremental update); overrides init
+    start: Path | None = added(None)  # a teacher's best.pt to continue from (an incremental update); overrides init
     resvae: Path | None = None  # compressor run; default: the one recorded in the repository
     # "shuffled": the control that keeps every parameter and removes the information -- each image gets
     # the DDPM features of another image of its split (a seeded derangement); its student sees the same
