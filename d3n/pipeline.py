@@ -17,6 +17,7 @@ records the data version it saw and how it was made.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ from pydantic import model_validator
 
 from d3n import distributed
 from d3n.artifacts import MANIFEST, read_json, write_json
-from d3n.config import StrictModel, load_yaml, validate
+from d3n.config import StrictModel, identity, load_yaml, validate
 from d3n.data import versions
 from d3n.data.stage import Config as DataSpec  # the data stage's config is the `data:` section
 from d3n.distill.loss import DistillConfig
@@ -167,6 +168,8 @@ def load_config(path: Path) -> PipelineConfig:
             setattr(d, attr, (base / p).resolve())
     if cfg.weights is not None and not cfg.weights.is_absolute():
         cfg.weights = (base / cfg.weights).resolve()
+    if cfg.augment is not None and cfg.augment.masks not in ("random", "boxes"):  # a folder of masks
+        cfg.augment.masks = str((base / cfg.augment.masks).resolve())
     return cfg
 
 
@@ -239,7 +242,8 @@ class Pipeline:
             decision = "skip"
         elif self.share is not None and (src := self.share.lookup(key)) is not None:
             decision = "share"
-        elif state.get("updating") == key or (state.get("key") != key and self._can_update(stage, state, own, version)):
+        elif state.get("updating") == key or (state.get("key") != key
+                                              and self._can_update(stage, config, state, own, version)):
             decision = "update"
         else:
             decision = "resume" if state.get("key") == key and d.exists() else "run"
@@ -249,6 +253,8 @@ class Pipeline:
         if decision == "skip":
             self.status[stage.name] = "skipped (up to date)"
             log.info("stage %s: up to date, skipped", stage.name)
+            if main and "own" not in state:  # a folder from before incremental updates: record what they need
+                write_json(state_file, {**state, "own": own, "data_version": state.get("data_version", version)})
             return
         if decision == "share":
             self.status[stage.name] = f"shared ({src.parent.name})" if src is not None else "shared"
@@ -261,7 +267,8 @@ class Pipeline:
             distributed.barrier()
             return
         if decision == "update":
-            config, how = self._update(stage, config, inputs, d, key, own, version, main)
+            config, how = self._update(stage, config, inputs, d, key, own, version, main,
+                                       resuming=state.get("updating") == key)
             if how == "done":
                 return
             decision = "updating" if how == "finetune" else "run"
@@ -288,20 +295,33 @@ class Pipeline:
         dataset = self.dir("data") / "dataset"
         return versions.current(dataset) if (dataset / "data.yaml").exists() else 1
 
-    def _can_update(self, stage: Stage, state: dict, own: str, version: int) -> bool:
+    def _can_update(self, stage: Stage, config, state: dict, own: str, version: int) -> bool:
         """A finished run can catch up instead of rerunning when its own config is unchanged, the
         dataset grew since it ran (and was not re-imported), and every stage it reads is either
         unchanged or itself caught up in this run."""
-        if self.cfg.update.mode != "incremental" or state.get("own") != own or not hasattr(stage.impl(), "update"):
+        manifest = self.dir(stage.name) / MANIFEST
+        if self.cfg.update.mode != "incremental" or not hasattr(stage.impl(), "update") or not manifest.exists():
             return False
-        if not (self.dir(stage.name) / MANIFEST).exists() or state.get("data_version", 1) >= version:
+        if "own" in state:
+            if state["own"] != own:
+                return False
+        elif read_json(manifest).get("config") != json.loads(json.dumps(identity(config, mode="json"), default=str)):
+            return False  # a folder from before incremental updates: its manifest holds the config it ran with
+        if state.get("data_version", 1) >= version:
             return False
-        ok = ("skipped", "updated", "reused", "fine-tuned")
+        ok = ("skipped", "updated", "fine-tuned")
         ups = stage.upstream(self.inputs(stage, set(stage.reads)), self.out)
-        return all(self.status.get(s, "skipped").startswith(ok) for s in ups if s != "data") and \
-            self.status.get("data", "skipped").startswith("skipped")
 
-    def _update(self, stage: Stage, config, inputs, d: Path, key: str, own: str, version: int, main: bool):
+        def caught_up(s: str) -> bool:  # in this run; or (not run now, --stages) in an earlier one
+            if s in self.status:
+                return self.status[s].startswith(ok)
+            st = self.dir(s) / STATE
+            return st.exists() and read_json(st).get("data_version", 1) == version
+
+        return all(caught_up(s) for s in ups if s != "data") and self.status.get("data", "skipped").startswith("skipped")
+
+    def _update(self, stage: Stage, config, inputs, d: Path, key: str, own: str, version: int, main: bool,
+                resuming: bool = False):
         """Run the stage's update hook (rank 0); returns (config to run, how): "done" (updated in
         place), "finetune" (run the returned config afresh from the previous best.pt, kept in the
         new folder as previous.pt) or "scratch" (declined: the folder is cleared)."""
@@ -321,7 +341,7 @@ class Pipeline:
                 d.mkdir(parents=True)
                 write_json(d / STATE, {"key": key})
             else:
-                if not previous.exists():  # (it does when a killed fine-tune resumes)
+                if not (resuming and previous.exists()):  # a killed fine-tune resumes from its own state
                     best = d.with_name(f".{d.name}.{PREVIOUS}")
                     os.replace(d / "best.pt", best)
                     shutil.rmtree(d)

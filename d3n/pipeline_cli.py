@@ -42,7 +42,7 @@ def _launch(args) -> int:
 
     if distributed.launched():
         raise ConfigError("--nproc/--nnodes given inside a torchrun launch: give them once, outside")
-    argv = ["pipeline", str(args.config.resolve())]
+    argv = (["-v"] if args.verbose else []) + ["pipeline", str(args.config.resolve())]
     if args.out:
         argv += ["--out", str(args.out.resolve())]
     if args.stages:

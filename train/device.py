@@ -7,6 +7,7 @@ checkpoints loadable on any device; a `Device` field is a placement field (d3n.c
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Annotated, Any
 
@@ -16,6 +17,8 @@ from pydantic import AfterValidator, Field
 from d3n import distributed
 from d3n.config import PLACEMENT
 from d3n.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N or auto (cuda if available, else cpu)"
 
@@ -42,7 +45,9 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     w = distributed.world()
-    if dev.type == "cuda" and dev.index is None and w.distributed:  # under torchrun: this rank's GPU
+    if dev.type == "cuda" and w.distributed and dev.index != w.local_rank:  # under torchrun: this rank's GPU
+        if dev.index is not None:
+            log.warning("device %s under torchrun: rank %d uses cuda:%d (its local rank)", name, w.rank, w.local_rank)
         dev = torch.device("cuda", w.local_rank)
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0

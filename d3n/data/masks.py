@@ -64,7 +64,10 @@ def _read_mask(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         im.load()
         arr = np.asarray(im)
-    return arr if arr.ndim == 2 else arr.max(axis=-1)  # an RGB(A) mask: any channel marks the defect
+    if arr.ndim == 2:
+        return arr
+    # RGB(A) / LA: any colour channel marks the defect; alpha says nothing about it
+    return arr[..., :3].max(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
 
 
 def _record(stem: str, image: Path, mask: Path | None, values: dict[int, str] | None, split: str | None,

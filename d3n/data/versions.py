@@ -35,12 +35,14 @@ def current(root: str | Path) -> int:
 
 def record_initial(root: str | Path, source: str) -> Path:
     """Version 1: every image the dataset holds now, per split."""
-    layout = DatasetLayout.open(root)
-    added = {s: [p.stem for p in layout.images(s)] for s in layout.splits if layout.has(s)}
-    return write_json(Path(root) / VERSIONS, {"versions": [_entry(1, source, added)]})
+    return write_json(Path(root) / VERSIONS, {"versions": [entry(1, source, _stems(DatasetLayout.open(root)))]})
 
 
-def _entry(version: int, source: str, added: dict[str, list[str]]) -> dict:
+def _stems(layout: DatasetLayout) -> dict[str, list[str]]:
+    return {s: [p.stem for p in layout.images(s)] for s in layout.splits if layout.has(s)}
+
+
+def entry(version: int, source: str, added: dict[str, list[str]]) -> dict:
     return {"version": version, "source": source, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "images": {s: len(v) for s, v in added.items()}, "added": added}
 
@@ -48,8 +50,9 @@ def _entry(version: int, source: str, added: dict[str, list[str]]) -> dict:
 def add(new: str | Path, to: str | Path, split: str = "train", fmt: str | None = None,
         skip_bad: bool = False, progress: bool = True) -> dict:
     """Import `new` (VOC / YOLO / COCO, the import's checks) and add all of its images to `split`
-    of the dataset `to`; returns the new version's entry. Nothing is changed if any check fails:
-    the images are imported and checked in a scratch folder first."""
+    of the dataset `to` (whatever split NEW itself puts them in); returns the new version's entry.
+    Nothing is changed if any check fails: the images are imported and checked in a scratch folder
+    first, then moved in (renames within one filesystem)."""
     from d3n.data.importer import import_dataset
 
     if split not in ADDABLE:
@@ -68,16 +71,15 @@ def add(new: str | Path, to: str | Path, split: str = "train", fmt: str | None =
             a, b = clash[0]
             raise DataError(f"{new}: {len(clash)} image(s) share a name with images already in {target.root} "
                             f"(first: {a.name} and {b}); rename them before adding")
-        history = read(target.root) or [_entry(1, "(before versions were recorded)", {
-            s: [p.stem for p in target.images(s)] for s in target.splits if target.has(s)})]
-        entry = _entry(len(history) + 1, str(Path(new).resolve()), {split: sorted(p.stem for p in images)})
+        history = read(target.root) or [entry(1, "(before versions were recorded)", _stems(target))]
+        made = entry(len(history) + 1, str(Path(new).resolve()), {split: sorted(p.stem for p in images)})
         dest = target.splits[split]
         for img in images:  # same filesystem: each move is a rename
             shutil.move(label_path_for(img), label_path_for(dest / img.name))
             shutil.move(img, dest / img.name)
-    write_json(target.root / VERSIONS, {"versions": [*history, entry]})
+    write_json(target.root / VERSIONS, {"versions": [*history, made]})
     _refresh_stage_manifest(target.root)
-    return entry
+    return made
 
 
 def _refresh_stage_manifest(root: Path) -> None:

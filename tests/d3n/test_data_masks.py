@@ -123,3 +123,18 @@ def test_voc_image_without_objects_is_a_defect_free_image(tmp_path):
         _xml(src / "ANNOTATIONS" / f"im{i}.xml", [("dent", 2, 3, 20, 25)] if i else [])
     import_dataset(src, tmp_path / "out", val_frac=0.25, progress=False)
     assert _boxes(tmp_path / "out")["im0"] == []
+
+
+def test_rgba_masks_use_colour_not_alpha(tmp_path):
+    src = tmp_path / "src"
+    for i in range(4):
+        _image(src / "images" / f"b{i}.png", seed=i)
+        rgba = np.zeros((H, W, 4), np.uint8)
+        rgba[..., 3] = 255  # opaque everywhere: alpha must not read as defect
+        if i:
+            rgba[2:7, 3:9, :3] = 255
+        (src / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgba, "RGBA").save(src / "masks" / f"b{i}.png")
+    import_dataset(src, tmp_path / "out", val_frac=0.25, progress=False)
+    boxes = _boxes(tmp_path / "out")
+    assert boxes["b0"] == [] and boxes["b1"] == [("defect", 3, 2, 9, 7)]

@@ -120,13 +120,24 @@ def test_rerun_after_data_add_catches_up(micro_config, tmp_path):
     assert main(["pipeline", str(cfg)]) == 0
     assert {s: (run / s / MANIFEST).stat().st_mtime for s in STAGES} == made
 
+    # a second addition: the detectors fine-tune again, from the best.pt the first update made
+    first_best = hashlib.sha256((run / "baseline" / "best.pt").read_bytes()).hexdigest()
+    assert main(["data", "add", str(_new_images(tmp_path / "second", 2, prefix="second_")), "--to",
+                 str(run / "data" / "dataset")]) == 0
+    assert main(["pipeline", str(cfg)]) == 0
+    assert read_json(run / "baseline" / ".pipeline.json")["made"] == "fine-tuned for data version 3"
+    assert hashlib.sha256((run / "baseline" / "previous.pt").read_bytes()).hexdigest() == first_best
+    assert len((run / "baseline" / "results.csv").read_text().splitlines()) == 2  # header + its one epoch
+    builds = json.loads((run / "repo" / "train" / "store.json").read_text())["meta"]["builds"]
+    assert [b["images"] for b in builds] == [len(old_ids), 4, 2] and len({b["ddpm_sha256"] for b in builds}) == 3
+
     # update.mode full: the same kind of addition reruns everything downstream from scratch
     cfg.write_text(yaml.safe_dump({**micro_config, "out": str(run), "update": {"mode": "full"}}))
     assert main(["data", "add", str(_new_images(tmp_path / "more", 2, prefix="more_")), "--to",
                  str(run / "data" / "dataset")]) == 0
     assert main(["pipeline", str(cfg)]) == 0
     states = {s: read_json(run / s / ".pipeline.json") for s in STAGES}
-    assert {s: (st["made"], st["data_version"]) for s, st in states.items()} == dict.fromkeys(STAGES, ("ran", 3))
+    assert {s: (st["made"], st["data_version"]) for s, st in states.items()} == dict.fromkeys(STAGES, ("ran", 4))
     assert not (run / "baseline" / "previous.pt").exists()
 
 

@@ -97,6 +97,7 @@ def augment(data: str | Path, out: str | Path, method: str, counts: dict[str, in
         if method == "paste":
             new = methods.paste(image, target, cls, rng, donors, params)
         else:
+            target = methods.fit_window(gen, target, *image.shape[:2])
             new = getattr(methods, method)(image, target, cls, rng, gen, params)
         stem = f"aug_{method}_{i:05d}"
         h, w = new.shape[:2]
@@ -117,8 +118,7 @@ def augment(data: str | Path, out: str | Path, method: str, counts: dict[str, in
     if not state.get("version"):
         kept = [it["image"].removesuffix(".png") for it in state["items"] if it["kept"]]
         history = versions.read(out)
-        entry = {"version": len(history) + 1 if history else 2, "source": f"d3n augment ({method})",
-                 "images": {"train": len(kept)}, "added": {"train": kept}}
+        entry = versions.entry(len(history) + 1, f"d3n augment ({method})", {"train": kept})
         write_json(out / versions.VERSIONS, {"versions": [*history, entry]})
         state["version"] = entry["version"]
         write_json(out / PLAN, state)

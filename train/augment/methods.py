@@ -20,13 +20,24 @@ import torch
 
 from d3n.errors import DataError
 from d3n.train.augment.params import Params
-from d3n.train.augment.placement import Target
+from d3n.train.augment.placement import Target, mask_box
 from d3n.train.generator.crops import Crop, from_model, read_rgb, to_model, window_around
 
 
 def _window(gen, target: Target, h: int, w: int) -> tuple[int, int, int, int]:
     c = gen.config
     return window_around(target.box, w, h, float(c["context"]), int(c["min_side"]))
+
+
+def fit_window(gen, target: Target, h: int, w: int) -> Target:
+    """The generator draws in a square window no larger than the image's shorter side: a mask
+    that does not fit is cut to the window, so the label is the box of what is really drawn."""
+    x0, y0, x1, y1 = _window(gen, target, h, w)
+    inside = np.zeros_like(target.mask)
+    inside[y0:y1, x0:x1] = target.mask[y0:y1, x0:x1]
+    if np.array_equal(inside, target.mask):
+        return target
+    return Target(target.image, inside, mask_box(inside), f"{target.source}, cut to the generator's window")
 
 
 def _as_tensor(patch: np.ndarray, size: int) -> torch.Tensor:

@@ -25,6 +25,13 @@ class Config(StrictModel):
     device: Device = "cpu"
 
 
+def external(cfg: Config) -> dict:
+    """A folder of user masks is read from outside the run: its content is part of the key."""
+    from d3n.artifacts import fingerprint
+
+    return {} if cfg.masks in ("random", "boxes") else {"masks": fingerprint(cfg.masks)}
+
+
 def enabled(pcfg) -> bool:
     return pcfg.augment is not None
 

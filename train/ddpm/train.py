@@ -101,6 +101,9 @@ class Trainer:
         self.world = world or distributed.world()
         if cfg.batch % self.world.size:
             raise ConfigError(f"batch {cfg.batch} is split among {self.world.size} processes: it must divide evenly")
+        if self.world.distributed and len(images) < cfg.batch:  # equal shares keep the averaged gradient exact
+            raise ConfigError(f"{len(images)} training images for a batch of {cfg.batch} on {self.world.size} "
+                              "processes: every batch must be full; lower the batch")
         self.net = self.unet if not self.world.distributed else torch.nn.parallel.DistributedDataParallel(self.unet)
         self.scheduler = build_scheduler()
         self.opt = torch.optim.Adam(self.unet.parameters(), lr=cfg.lr)

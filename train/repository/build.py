@@ -90,6 +90,10 @@ def build_repo(cfg: RepoBuildConfig, out: str | Path, progress: bool = True,
     meta = {"ddpm_size": ddpm.size, "ddpm_run": str(Path(cfg.ddpm).resolve()), "ddpm_sha256": sha256_file(weights),
             "data_yaml": str(data.yaml_path.resolve()), "split": cfg.split, "hooks": extractor.hooks,
             "compressor": None}
+    if grown:  # which DDPM made which images: the old shards keep theirs, the new ones are this one's
+        old = FeatureStore.open(out, verify=False)
+        builds = old.meta.get("builds") or [{"images": len(old), "ddpm_sha256": old.meta.get("ddpm_sha256")}]
+        meta["builds"] = [*builds, {"images": len(ids) - len(old), "ddpm_sha256": meta["ddpm_sha256"]}]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{data.splits[cfg.split]}: duplicate image stems (ids must be unique)")
     writer = StoreWriter(out, kind="raw", levels=list(extractor.hooks), timesteps=cfg.timesteps,
@@ -141,10 +145,12 @@ def _plan_ids(out: Path, stems: list[str], shard_size: int):
         return stems, None, False
     old = FeatureStore.open(out, verify=False)
     new = sorted(set(stems) - set(old.image_ids))
+    ranges = [(int(s["start"]), int(s["count"])) for s in old._shards]
+    if not new and set(old.image_ids) == set(stems):  # the same images: its own order and shards
+        return old.image_ids, ranges, False
     if not new or not set(old.image_ids) <= set(stems):
         return stems, None, False
     start = len(old.image_ids)
-    ranges = [(int(s["start"]), int(s["count"])) for s in old._shards]
     ranges += [(start + s, c) for s, c in shard_ranges(len(new), shard_size)]
     return old.image_ids + new, ranges, True
 

@@ -158,3 +158,21 @@ def test_bad_input_is_named_and_nothing_is_written(two_class, generator_run, tmp
     assert not (tmp_path / "out").exists()
     assert main(["augment", str(two_class), "--out", str(tmp_path / "o2"), "--method", "sdedit", "--count", "1"]) != 0
     assert "--generator" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_a_mask_longer_than_the_generators_window_is_cut_to_it():
+    """The window is a square no larger than the image's shorter side: on a 40 x 100 image a
+    90-pixel-tall mask is cut to the 40-pixel window, and the label is the box of what is drawn."""
+    from types import SimpleNamespace
+
+    from d3n.train.augment.placement import Target, mask_box
+
+    mask = np.zeros((100, 40), bool)
+    mask[5:95, 10:20] = True
+    gen = SimpleNamespace(config={"context": 1.5, "min_side": 16})
+    cut = methods.fit_window(gen, Target(Path("x.png"), mask, mask_box(mask), "test"), 100, 40)
+    assert cut.box == (10, 30, 20, 70) and cut.mask.sum() == 10 * 40 and "cut" in cut.source
+    small = np.zeros((100, 40), bool)
+    small[40:50, 10:20] = True
+    same = Target(Path("x.png"), small, mask_box(small), "test")
+    assert methods.fit_window(gen, same, 100, 40) is same
