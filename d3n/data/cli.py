@@ -68,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-frac", type=float, default=0.2, help="share of images in val (default 0.2)")
     p.add_argument("--test-frac", type=float, default=0.0,
                    help="share of images in a held-out test split (default 0: no test split)")
+    p.add_argument("--rare", help="a class cut to --rare-keep of its defects in the train split only "
+                                   "(val and test keep all: an augmentation study's setting)")
+    p.add_argument("--rare-keep", type=float, default=0.1, help="share of the rare class's defects kept (default 0.1)")
     p.add_argument("--force", action="store_true", help="replace --out if it holds something else")
     p.set_defaults(func=_synth)
 
@@ -76,7 +79,8 @@ def _synth(args: argparse.Namespace) -> int:
     from d3n.data.synth import generate
 
     out = generate(args.out, images=args.images, size=args.size, seed=args.seed,
-                   val_frac=args.val_frac, overwrite=args.force, test_frac=args.test_frac)
+                   val_frac=args.val_frac, overwrite=args.force, test_frac=args.test_frac, rare=args.rare,
+                   rare_keep=args.rare_keep)
     print(f"synthetic dataset: {out} ({args.images} images, {args.size}px); preview: {out / 'preview.png'}")
     return 0
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from d3n.artifacts import fingerprint
-from d3n.config import StrictModel
+from d3n.config import StrictModel, added
 from d3n.data import versions
 
 
@@ -17,6 +17,8 @@ class SynthSpec(StrictModel):
     seed: int = 0
     val_frac: float = 0.2
     test_frac: float = 0.0  # a held-out split to report on (val chooses checkpoints)
+    rare: str | None = added(None)  # a class cut to `rare_keep` of its defects in train (augmentation studies)
+    rare_keep: float = added(0.1)
 
 
 class Config(StrictModel):
@@ -47,7 +49,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         from d3n.data.synth import generate
 
         s = cfg.synth
-        generate(target, images=s.images, size=s.size, seed=s.seed, val_frac=s.val_frac, test_frac=s.test_frac)
+        generate(target, images=s.images, size=s.size, seed=s.seed, val_frac=s.val_frac, test_frac=s.test_frac,
+                 rare=s.rare, rare_keep=s.rare_keep)
     else:
         from d3n.data.importer import import_dataset
 

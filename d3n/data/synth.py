@@ -69,14 +69,19 @@ def _overlaps(box: tuple[int, int, int, int], others: list[tuple[int, int, int, 
     return False
 
 
-def render(size: int, rng: np.random.Generator, first_class: int) -> tuple[np.ndarray, list[tuple]]:
+def render(size: int, rng: np.random.Generator, first_class: int,
+           rare: tuple[int, float] | None = None) -> tuple[np.ndarray, list[tuple]]:
     """One image (uint8, HxW) and its boxes [(cls, x0, y0, x1, y1)] in pixels.
 
     The first defect's class is given (cycled by the caller) so every class is covered evenly.
+    `rare` = (class, keep): each defect of that class is drawn with probability `keep`, otherwise
+    it becomes the next class (a rare class for augmentation studies; no extra draws without it).
     """
     img = surface(size, rng)
     s = size / 256
     classes = [first_class] + [int(c) for c in rng.integers(0, len(CLASSES), int(rng.integers(0, 4)))]
+    if rare is not None:
+        classes = [(c + 1) % len(CLASSES) if c == rare[0] and rng.random() >= rare[1] else c for c in classes]
     boxes: list[tuple] = []
     margin = 0.12 * size
     for cls in classes:
@@ -166,8 +171,12 @@ def _existing(out: Path, params: dict, overwrite: bool) -> bool:
 
 
 def generate(out: str | Path, images: int = 240, size: int = 256, seed: int = 0, val_frac: float = 0.2,
-             overwrite: bool = False, progress: bool = True, test_frac: float = 0.0) -> Path:
+             overwrite: bool = False, progress: bool = True, test_frac: float = 0.0,
+             rare: str | None = None, rare_keep: float = 0.1) -> Path:
     """Render the synthetic dataset into `out` (YOLO layout + data.yaml + preview.png); returns `out`.
+
+    `rare`: in the train split only, that class keeps a `rare_keep` share of its defects (val and
+    test keep the full distribution, so its AP stays measurable): the setting of an augmentation study.
 
     An existing folder holding the same parameters is reused as is (the output is deterministic).
     The dataset is built in a temporary sibling folder and renamed into place, so an interrupted
@@ -180,7 +189,13 @@ def generate(out: str | Path, images: int = 240, size: int = 256, seed: int = 0,
 
     out = Path(out)
     _check_args(images, size, val_frac, test_frac)
+    if rare is not None and rare not in CLASSES:
+        raise DataError(f"--rare {rare}: not a class of the synthetic dataset ({', '.join(CLASSES)})")
+    if rare is not None and not 0 <= rare_keep <= 1:
+        raise DataError(f"--rare-keep must be in [0, 1] (got {rare_keep})")
     params = _params(images, size, seed, val_frac, test_frac)
+    if rare is not None:  # only then: datasets made without it keep their parameters
+        params["rare"] = {"class": rare, "keep": rare_keep}
     if _existing(out, params, overwrite):
         log.info("%s: already holds this synthetic dataset, reusing it", out)
         return out
@@ -189,8 +204,9 @@ def generate(out: str | Path, images: int = 240, size: int = 256, seed: int = 0,
         splits = _split(images, val_frac, seed, test_frac)
         for i in tqdm(range(images), desc="synth", unit="img", disable=not progress):
             rng = np.random.default_rng([seed, 0, i])
-            arr, boxes = render(size, rng, first_class=i % len(CLASSES))
             split = splits[i]
+            cut = (CLASSES.index(rare), rare_keep) if rare is not None and split == "train" else None
+            arr, boxes = render(size, rng, first_class=i % len(CLASSES), rare=cut)
             for sub, data in (("images", _jpeg(arr)), ("labels", _yolo_lines(boxes, size).encode())):
                 path = tmp / sub / split / f"synth_{i:05d}.{'jpg' if sub == 'images' else 'txt'}"
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,10 @@ def run_cell(exp: ExperimentConfig, variant: str, seed: int, share: StageShare) 
     print(f"\n==== cell {name} ====", flush=True)
     t0 = time.time()
     pipe = Pipeline(load_config(cfg_path), folder, share=share)
-    pipe.run()
+    from d3n.stages import get
+
+    # the experiment's stages that this cell's config turns on (a plain variant has no augment stage)
+    pipe.run([s for s in exp.stages if pipe.active(get(s))] if exp.stages else None)
     took = round(time.time() - t0, 1)
     ran = {s: pipe.timings.get(s) for s, st in pipe.status.items() if st in ("ran", "resumed")}
     seconds = {**previous.get("stage_seconds", {}), **ran}  # a cell resumed across sessions adds up

@@ -33,6 +33,9 @@ class ExperimentConfig(StrictModel):
     common: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
     reference: str = "baseline"
+    # the pipeline stages each cell runs (default: every stage its config turns on); e.g. an
+    # augmentation study compares baselines: [data, generator, augment, baseline]
+    stages: list[str] | None = None
 
 
 def merge(base: dict, over: dict) -> dict:

@@ -91,3 +91,35 @@ def test_runner_shares_stages_resumes_a_killed_cell_and_reports(tmp_path, monkey
     for fig in ("fig11_branch_weights.png", "fig12_curves.png", "fig13_map_vs_gflops.png", "fig14_gradcam.png"):
         assert (study / fig).exists(), fig
     assert main(["experiment", str(path), "--gather"]) == 0
+
+
+def test_augmentation_study_runs_only_its_stages_and_compares_baselines(tmp_path):
+    """`stages:` limits every cell to data -> [augment] -> baseline; the plain variant has no
+    augment stage; the report compares the augmented baseline with the plain one, per seed."""
+    base = {**BASE, "data": {"synth": {"images": 20, "size": 96, "seed": 0, "test_frac": 0.2,
+                                       "rare": "crazing", "rare_keep": 0.0}}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    exp = {"base": "base.yaml", "out": "study", "seeds": [0], "stages": ["data", "generator", "augment", "baseline"],
+           "variants": {"plain": {}, "paste": {"augment": {"method": "paste", "classes": ["scratches"], "count": 2}}}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))  # plain first: its baseline is the row
+    assert main(["experiment", str(tmp_path / "exp.yaml")]) == 0
+    cells = tmp_path / "study" / "cells"
+    assert sorted(p.name for p in (cells / "plain-s0").iterdir() if p.is_dir()) == ["baseline", "data"]
+    assert sorted(p.name for p in (cells / "paste-s0").iterdir() if p.is_dir()) == ["augment", "baseline", "data"]
+    report = json.loads((tmp_path / "study" / "experiment.json").read_text())
+    assert set(report["rows"]) == {"baseline", "paste baseline"}
+    assert any(p["a"] == "paste baseline" and p["b"] == "baseline" for p in report["paired"])
+    # rare: the train split has no crazing box left (rare_keep 0), val and test keep theirs
+    data = cells / "plain-s0" / "data" / "dataset"
+    train_classes = {line.split()[0] for f in (data / "labels" / "train").glob("*.txt") for line in f.read_text().splitlines()}
+    assert "0" not in train_classes
+
+
+@pytest.mark.parametrize("name", ["neu-det-cpu.yaml", "synth-rare-class.yaml"])
+def test_shipped_experiments_validate_cell_by_cell(name):
+    from d3n.config import validate
+    from d3n.pipeline import PipelineConfig
+
+    exp = load_experiment(Path(__file__).resolve().parents[2] / "experiments" / name)
+    for variant in exp.variants:
+        validate(PipelineConfig, cell_config(exp, variant, exp.seeds[0]), f"{name}: {variant}")

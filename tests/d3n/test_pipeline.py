@@ -209,7 +209,7 @@ def test_missing_initial_weights_name_the_file(micro_pipeline, tmp_path):
         Pipeline(load_config(path)).run(["data", "baseline"])
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "neu-det.yaml", "neu-det-cpu.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "neu-det.yaml", "neu-det-cpu.yaml", "synth-rare.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / name)
     assert cfg.train.imgsz % 32 == 0
