@@ -114,6 +114,8 @@ class AugmentSpec(StrictModel):
     guidance: float = 3.0
     steps: int = 50
     transition: float = 0.25
+    check_model: Path | None = None  # a detector (e.g. the last run's baseline): images it misreads are rejected
+    min_conf: float = 0.25
     generator: GeneratorSpec = GeneratorSpec()
 
 
@@ -170,6 +172,8 @@ def load_config(path: Path) -> PipelineConfig:
         cfg.weights = (base / cfg.weights).resolve()
     if cfg.augment is not None and cfg.augment.masks not in ("random", "boxes"):  # a folder of masks
         cfg.augment.masks = str((base / cfg.augment.masks).resolve())
+    if cfg.augment is not None and cfg.augment.check_model is not None and not cfg.augment.check_model.is_absolute():
+        cfg.augment.check_model = (base / cfg.augment.check_model).resolve()
     return cfg
 
 

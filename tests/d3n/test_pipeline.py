@@ -247,3 +247,18 @@ def test_augment_stages_are_off_without_the_section(micro_pipeline, capsys):
     assert not (out / "generator").exists() and not (out / "augment").exists()
     assert main(["pipeline", str(cfg), "--stages", "augment"]) == 1
     assert "off in this config" in capsys.readouterr().err
+
+
+def test_augment_section_quality_check_with_a_detector(micro_config, tmp_path):
+    from d3n.train.detector import model as detector
+
+    blind = tmp_path / "blind.pt"  # an untrained detector sees nothing: every image is rejected
+    detector.save(detector.build(6, ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale",
+                                     "scratches"]), blind, {"imgsz": 96}, {})
+    cfg = tmp_path / "aug.yaml"
+    cfg.write_text(yaml.safe_dump({**micro_config, "out": str(tmp_path / "run"), "augment": {
+        "method": "paste", "classes": ["scratches"], "count": 2, "check_model": "blind.pt"}}))
+    assert main(["pipeline", str(cfg), "--stages", "data,augment"]) == 0
+    state = json.loads((tmp_path / "run" / "augment" / "dataset" / "augment.json").read_text())
+    assert [it["kept"] for it in state["items"]] == [False, False]
+    assert state["plan"]["check_model"] == str(blind)

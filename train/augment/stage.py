@@ -21,6 +21,8 @@ class Config(StrictModel):
     guidance: float = Params.guidance
     steps: int = Params.steps
     transition: float = Params.transition
+    check_model: Path | None = None
+    min_conf: float = 0.25
     seed: int = 0
     device: Device = "cpu"
 
@@ -29,7 +31,10 @@ def external(cfg: Config) -> dict:
     """A folder of user masks is read from outside the run: its content is part of the key."""
     from d3n.artifacts import fingerprint
 
-    return {} if cfg.masks in ("random", "boxes") else {"masks": fingerprint(cfg.masks)}
+    out = {} if cfg.masks in ("random", "boxes") else {"masks": fingerprint(cfg.masks)}
+    if cfg.check_model is not None:  # the quality check's detector decides what is kept
+        out["check_model"] = fingerprint(cfg.check_model)
+    return out
 
 
 def enabled(pcfg) -> bool:
@@ -44,11 +49,12 @@ def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
     a = pcfg.augment
     counts = plan_counts(DatasetLayout.open(inputs["data"]), a.classes, a.count, a.balance)
     return Config(method=a.method, counts=counts, masks=a.masks, strength=a.strength, guidance=a.guidance,
-                  steps=a.steps, transition=a.transition, seed=pcfg.seed or 0, device=pcfg.device or "cpu")
+                  steps=a.steps, transition=a.transition, check_model=a.check_model, min_conf=a.min_conf,
+                  seed=pcfg.seed or 0, device=pcfg.device or "cpu")
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     params = Params(strength=cfg.strength, guidance=cfg.guidance, steps=cfg.steps, transition=cfg.transition)
     return augment(inputs["data"], out / "dataset", cfg.method, cfg.counts, masks=cfg.masks,
                    generator=inputs.get("generator"), params=params, seed=cfg.seed, device=cfg.device,
-                   progress=True)
+                   check_model=cfg.check_model, min_conf=cfg.min_conf, progress=True)
