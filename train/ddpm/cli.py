@@ -28,6 +28,12 @@ def _ddpm_parser(sub) -> None:
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--preset", choices=("tiny", "paper"), help="UNet size (default tiny)")
     t.add_argument("--size", type=int, help="DDPM input size (default 64)")
+    add_schedule(t)
+    t.set_defaults(func=_ddpm_train)
+
+
+def add_schedule(t: argparse.ArgumentParser) -> None:
+    """The DDPM loop's options (train/ddpm/train.py), shared with `d3n generator train`."""
     t.add_argument("--split", help="split to train on (default train)")
     t.add_argument("--steps", type=int)
     t.add_argument("--epochs", type=int)
@@ -38,7 +44,6 @@ def _ddpm_parser(sub) -> None:
     t.add_argument("--ckpt-every", dest="ckpt_every", type=int)
     t.add_argument("--seed", type=int)
     add_device(t)
-    t.set_defaults(func=_ddpm_train)
 
 
 def register(sub) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from d3n.train.repository.cli import add_device, print_metrics
+from d3n.train.ddpm.cli import add_schedule
+from d3n.train.repository.cli import print_metrics
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -33,14 +34,5 @@ def register(sub) -> None:
     t.add_argument("--context", type=float, help="crop side / box side (default 1.5)")
     t.add_argument("--min-side", dest="min_side", type=int, help="smallest crop in image pixels (default 32)")
     t.add_argument("--p-uncond", dest="p_uncond", type=float, help="share trained without class (default 0.1)")
-    t.add_argument("--split", help="split to learn from (default train)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--lr-min", dest="lr_min", type=float)
-    t.add_argument("--ema", type=float, help="EMA decay, 0 disables (default 0.999)")
-    t.add_argument("--ckpt-every", dest="ckpt_every", type=int)
-    t.add_argument("--seed", type=int)
-    add_device(t)
+    add_schedule(t)
     t.set_defaults(func=_train)
