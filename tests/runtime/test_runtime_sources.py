@@ -67,8 +67,8 @@ def test_file_source_yields_every_frame_in_order(video_avi):
 
 def test_unreachable_stream_gives_up_after_bound_with_backoff():
     stats = Stats()
+    t0 = time.monotonic()  # before start(): the first attempt and its backoff may begin at once
     src = Source(f"rtsp://127.0.0.1:{free_port()}/x", stats, max_reconnects=2, backoff=(0.1, 0.15)).start()
-    t0 = time.monotonic()
     assert src.get(timeout=10) is None
     src.join(30)  # each refused attempt can take seconds on a loaded machine
     assert "could not open after 3 attempts" in src.error
