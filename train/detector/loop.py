@@ -153,8 +153,11 @@ def make_loaders(cfg: TrainConfig, data: Path, world: distributed.World = distri
     numbers are recorded for the checkpoint val chose, never used to choose). Under torchrun the
     train loader gives this rank its share of each batch."""
     train_ds = DetectionDataset(data, "train", cfg.imgsz, cfg.augment(), seed=cfg.seed)
+    # workers are not persistent: each epoch's iterator hands them the dataset as it is then (its
+    # epoch, which seeds the augmentation, and mosaic closed for the last epochs); persistent
+    # workers keep the copy of the first epoch, so every epoch would repeat its augmentations
     kw = {"num_workers": cfg.workers, "collate_fn": collate, "worker_init_fn": seed_worker,
-          "persistent_workers": cfg.workers > 0}
+          "persistent_workers": False}
     if world.distributed:  # the permutation RandomSampler draws below, dealt out rank by rank
         sampler = DistributedSampler(train_ds, world.size, world.rank, shuffle=True, seed=cfg.seed)
         train = DataLoader(train_ds, batch_size=per_rank_batch(cfg, world), sampler=sampler, **kw)
