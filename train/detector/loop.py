@@ -288,17 +288,25 @@ def finetune(tcfg: TrainConfig, previous: Path, spec) -> TrainConfig | None:
                                    "epochs": spec.epochs or max(1, tcfg.epochs // 4)})
 
 
+# Bumped when a fix changes what the same config trains, so runs made before it retrain instead of
+# passing as up to date. 2: loader workers no longer persistent (before, with workers > 0, every
+# epoch repeated the first epoch's augmentations and mosaic never closed).
+LOADER_VERSION = 2
+
+
 def weights_key(tcfg: TrainConfig) -> dict:
-    """The initial weights' content, for a stage key (`external`): a new file under the same name
-    retrains; a missing one is an error naming it."""
+    """What a detector stage's key holds besides its config (`external`): the initial weights'
+    content (a new file under the same name retrains; a missing one is an error naming it) and the
+    training data pipeline's version."""
     from d3n.artifacts import sha256_file
     from d3n.errors import ArtifactError
 
+    key = {"loader": LOADER_VERSION}
     if tcfg.weights is None:
-        return {}
+        return key
     if not Path(tcfg.weights).is_file():
         raise ArtifactError(f"{tcfg.weights}: initial weights not found (a local file; nothing is downloaded)")
-    return {"weights": sha256_file(tcfg.weights)}
+    return {**key, "weights": sha256_file(tcfg.weights)}
 
 
 SCORES = ("mAP50", "mAP50-95", "precision", "recall", "recall@0.25", "per_class_AP50", "miss_rate",

@@ -56,7 +56,8 @@ def wants(cfg: Config, inputs: dict[str, Path]) -> set[str]:
 
 
 def external(cfg: Config) -> dict:
-    return weights_key(cfg.train) if cfg.init == "weights" and cfg.start is None else {}
+    key = weights_key(cfg.train.model_copy(update={"weights": None}))  # the loader's version
+    return weights_key(cfg.train) if cfg.init == "weights" and cfg.start is None else key
 
 
 def update(cfg: Config, inputs: dict[str, Path], out: Path, spec, previous: Path):

@@ -25,3 +25,19 @@ def test_augmentation_switched_off_between_epochs_reaches_the_workers(synth_smal
     workers.dataset.set_epoch(1)
     assert torch.equal(_first_batch(workers, 0), _first_batch(plain, 0))
     assert not torch.equal(augmented, _first_batch(plain, 0))
+
+
+def test_a_loader_fix_retrains_detectors_made_before_it(tmp_path, monkeypatch):
+    """The data pipeline's version is in every detector stage's key: runs trained before a fix
+    that changes what the same config trains do not pass as up to date."""
+    from d3n.stage import stage_key
+    from d3n.stages import get
+    from d3n.train.detector import baseline, loop
+
+    stage, cfg = get("baseline"), baseline.Config()
+    inputs = {"data": tmp_path / "data" / "dataset"}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")  # the upstream stage's manifest, fingerprinted
+    now = stage_key(stage, cfg, tmp_path, inputs)
+    monkeypatch.setattr(loop, "LOADER_VERSION", loop.LOADER_VERSION - 1)
+    assert stage_key(stage, cfg, tmp_path, inputs) != now
