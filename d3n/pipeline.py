@@ -2,7 +2,7 @@
 
 The stages and what each reads come from the registry (`d3n/stages.py`); each stage builds its own
 typed config from this file's sections and runs through `d3n.stage.execute`. A stage is skipped
-when its folder holds a complete manifest and its key (`d3n.stage.stage_key`: its config without
+when its folder holds a complete manifest and its key (`d3n.stage.stage_keys`: its config without
 placement fields, plus the manifests of the stages it reads) is unchanged; a stage whose key
 matches but did not finish is re-entered in place and resumes from its own checkpoint; a stage
 whose key changed starts afresh.
@@ -34,7 +34,7 @@ from d3n.data import versions
 from d3n.data.stage import Config as DataSpec  # the data stage's config is the `data:` section
 from d3n.distill.loss import DistillConfig
 from d3n.errors import ConfigError
-from d3n.stage import Stage, execute, own_key, stage_key, update
+from d3n.stage import Stage, execute, stage_keys, update
 from d3n.stages import NAMES, STAGES
 from d3n.train.detector.loop import TrainConfig
 from d3n.train.device import Device
@@ -237,7 +237,7 @@ class Pipeline:
         d, inputs = self.dir(stage.name), self.inputs(stage)
         config = stage.impl().from_pipeline(self.cfg, inputs)
         inputs = self.inputs(stage, stage.wanted(config, inputs))
-        key, own = stage_key(stage, config, self.out, inputs), own_key(stage, config, self.out)
+        key, own = stage_keys(stage, config, self.out, inputs)
         state_file = d / STATE
         state = read_json(state_file) if state_file.exists() else {}
         version = self.data_version()

@@ -98,15 +98,34 @@ def portable(value: Any, root: Path) -> Any:
     return value
 
 
-def stage_key(stage: Stage, config: Any, root: Path, inputs: dict[str, Path]) -> str:
-    """The one place a stage key is computed: the config's identity (no placement fields), the
-    fingerprints of the external files it reads, and the manifests of the stages it reads."""
+def stage_keys(stage: Stage, config: Any, root: Path, inputs: dict[str, Path]) -> tuple[str, str]:
+    """The one place stage keys are computed: (key, own key). The key holds the config's identity
+    (no placement fields), the fingerprints of the external files it reads and the manifests of the
+    stages it reads; the own key the first two only (equal own keys and a grown dataset are what make
+    an incremental update possible)."""
     impl = stage.impl()
-    external = impl.external(config) if hasattr(impl, "external") else {}
+    own = {"stage": stage.name, "config": portable(identity(config, mode="json"), root),
+           "external": impl.external(config) if hasattr(impl, "external") else {}}
     upstream = {s: fingerprint(root / s / MANIFEST) for s in stage.upstream(inputs, root)}
-    blob = json.dumps({"stage": stage.name, "config": portable(identity(config, mode="json"), root),
-                       "external": external, "upstream": upstream}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return _digest({**own, "upstream": upstream}), _digest(own)
+
+
+def stage_key(stage: Stage, config: Any, root: Path, inputs: dict[str, Path]) -> str:
+    return stage_keys(stage, config, root, inputs)[0]
+
+
+def _digest(blob: dict) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _writes(stage: Stage, impl: ModuleType, config: Any) -> list[str]:
+    return list(impl.writes(config)) if hasattr(impl, "writes") else list(stage.writes)
+
+
+def _manifest(stage: Stage, config: Any, inputs: dict[str, Path], out: Path) -> Manifest:
+    """The stage's manifest, its config.yaml written beside it (the manifest itself comes last)."""
+    write_yaml(Path(out) / CONFIG, config)
+    return Manifest(out, stage.name, {k: str(v) for k, v in inputs.items()}, identity(config, mode="json"))
 
 
 def execute(stage: Stage, config: Any, inputs: dict[str, Path], out: Path) -> dict:
@@ -132,7 +151,6 @@ def _execute(stage: Stage, config: Any, inputs: dict[str, Path], out: Path, writ
     out.mkdir(parents=True, exist_ok=True)
     impl = stage.impl()
     inputs = {k: Path(v) for k, v in inputs.items()}
-    writes = list(impl.writes(config)) if hasattr(impl, "writes") else list(stage.writes)
     if getattr(impl, "OWN_MANIFEST", False):
         metrics = impl.run(config, inputs, out)
         if write and not is_complete(out):
@@ -140,22 +158,11 @@ def _execute(stage: Stage, config: Any, inputs: dict[str, Path], out: Path, writ
         return metrics
     if not write:  # a rank other than 0 of a distributed stage: it trains, rank 0 writes
         return impl.run(config, inputs, out)
-    write_yaml(out / CONFIG, config)
-    manifest = Manifest(out, stage.name, {k: str(v) for k, v in inputs.items()}, identity(config, mode="json"))
+    manifest = _manifest(stage, config, inputs, out)
     with manifest.timed("run"):
         metrics = impl.run(config, inputs, out)
-    manifest.complete(writes)
+    manifest.complete(_writes(stage, impl, config))
     return metrics
-
-
-def own_key(stage: Stage, config: Any, root: Path) -> str:
-    """The part of a stage key that is the stage's own: its config and external files, not what it
-    reads. Equal own keys and a grown dataset are what make an incremental update possible."""
-    impl = stage.impl()
-    external = impl.external(config) if hasattr(impl, "external") else {}
-    blob = json.dumps({"stage": stage.name, "config": portable(identity(config, mode="json"), root),
-                       "external": external}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def update(stage: Stage, config: Any, inputs: dict[str, Path], out: Path, spec: Any, previous: Path):
@@ -167,10 +174,7 @@ def update(stage: Stage, config: Any, inputs: dict[str, Path], out: Path, spec: 
         return None
     result = impl.update(config, {k: Path(v) for k, v in inputs.items()}, Path(out), spec, previous)
     if isinstance(result, dict) and not getattr(impl, "OWN_MANIFEST", False):
-        writes = list(impl.writes(config)) if hasattr(impl, "writes") else list(stage.writes)
-        write_yaml(Path(out) / CONFIG, config)
-        Manifest(out, stage.name, {k: str(v) for k, v in inputs.items()}, identity(config, mode="json")).complete(
-            writes)
+        _manifest(stage, config, inputs, out).complete(_writes(stage, impl, config))
     return result
 
 
