@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+FORMATS = ("voc", "yolo", "coco", "masks")  # d3n.data.importer.FORMATS, without importing it at start-up
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="dataset tools: import, check, synth")
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "JSONs) is kept. An empty train split is an error unless --eval-only is given.")
     p.add_argument("src", help="source dataset folder (or COCO .json / YOLO data.yaml)")
     p.add_argument("--out", required=True, help="dataset folder to create")
-    p.add_argument("--format", choices=("voc", "yolo", "coco", "masks"), help="source format (default: autodetect)")
+    p.add_argument("--format", choices=FORMATS, help="source format (default: autodetect)")
     p.add_argument("--splits", help="folder with train.txt and val.txt listing stems, and optionally test.txt "
                                     "(a stem in none of them, or in two, is an error)")
     p.add_argument("--val-frac", type=float, default=None,
@@ -52,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", required=True, help="dataset folder to add to (with data.yaml)")
     p.add_argument("--split", default="train", choices=("train", "val"),
                    help="where the images go (default train; the test split stays fixed)")
-    p.add_argument("--format", choices=("voc", "yolo", "coco", "masks"), help="format of NEW (default: autodetect)")
+    p.add_argument("--format", choices=FORMATS, help="format of NEW (default: autodetect)")
     p.add_argument("--skip-bad", action="store_true", help="leave bad images out instead of failing")
     p.set_defaults(func=_add)
 

@@ -512,3 +512,10 @@ def test_cli_import_test_frac_and_eval_only(tmp_path, capsys):
     assert "--eval-only" in capsys.readouterr().err
     assert main(["data", "import", str(src), "--out", str(tmp_path / "b"), "--eval-only"]) == 0
     assert len(DatasetLayout.open(tmp_path / "b").images("test")) == 10
+
+
+def test_cli_offers_every_format_the_importer_reads():
+    from d3n.data.cli import FORMATS as OFFERED
+    from d3n.data.importer import FORMATS as READ
+
+    assert OFFERED == READ
