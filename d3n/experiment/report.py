@@ -90,6 +90,8 @@ def comparisons(exp: ExperimentConfig, rows: dict[str, dict]) -> list[tuple[str,
     main_student = f"{first} student"
     if main_student in rows:
         pairs += [(main_student, r) for r in rows if r.endswith(" student") and r != main_student]
+    # the file's own pairs, once their rows have finished cells
+    pairs += [(a, b) for a, b in exp.compare if a in rows and b in rows and (a, b) not in pairs]
     return pairs
 
 

@@ -13,7 +13,7 @@ import yaml
 from d3n.artifacts import read_json, write_json, write_text
 from d3n.errors import ConfigError
 from d3n.experiment.share import StageShare
-from d3n.experiment.spec import ExperimentConfig, cell_config, cell_name
+from d3n.experiment.spec import ExperimentConfig, cell_config, cell_name, variant_stages
 
 log = logging.getLogger(__name__)
 CELL = "cell.json"
@@ -49,8 +49,10 @@ def run_cell(exp: ExperimentConfig, variant: str, seed: int, share: StageShare) 
     pipe = Pipeline(load_config(cfg_path), folder, share=share)
     from d3n.stages import get
 
-    # the experiment's stages that this cell's config turns on (a plain variant has no augment stage)
-    pipe.run([s for s in exp.stages if pipe.active(get(s))] if exp.stages else None)
+    # the variant's (or experiment's) stages that this cell's config turns on (a plain variant has no
+    # augment stage)
+    stages = variant_stages(exp, variant)
+    pipe.run([s for s in stages if pipe.active(get(s))] if stages else None)
     took = round(time.time() - t0, 1)
     ran = {s: pipe.timings.get(s) for s, st in pipe.status.items() if st in ("ran", "resumed")}
     seconds = {**previous.get("stage_seconds", {}), **ran}  # a cell resumed across sessions adds up

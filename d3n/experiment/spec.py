@@ -7,7 +7,9 @@
     variants:                             # name -> overrides; a cell is one variant at one seed
       d3n: {}
       no-ddpm: {teacher: {fusion: {use_ddpm: false}}}
+      long-baseline: {train: {epochs: 24}, stages: [data, baseline]}   # `stages`: only these run
     reference: baseline                   # the row every other row is compared with (paired by seed)
+    compare: [[d3n teacher, long-baseline baseline]]   # further pairs of rows, A - B
 
 A cell's pipeline config is base <- common <- variant <- {train: {seed: s}}, merged key by key.
 Stages whose config and inputs are the same in several cells (data, DDPM, repository, compressor,
@@ -36,6 +38,11 @@ class ExperimentConfig(StrictModel):
     # the pipeline stages each cell runs (default: every stage its config turns on); e.g. an
     # augmentation study compares baselines: [data, generator, augment, baseline]
     stages: list[str] | None = None
+    # further paired comparisons [A, B] of report rows ("baseline", "<variant> baseline|teacher|student")
+    compare: list[tuple[str, str]] = Field(default_factory=list)
+
+
+ROW_MODELS = ("baseline", "teacher", "student")
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -57,7 +64,23 @@ def load_experiment(path: Path) -> ExperimentConfig:
     bad = [v for v in cfg.variants if not v.replace("-", "").replace("_", "").isalnum()]
     if bad:
         raise ConfigError(f"{path}: variant names must be letters, digits, '-' or '_': {bad}")
+    from d3n.stages import NAMES
+
+    for v in cfg.variants:
+        unknown = [s for s in (variant_stages(cfg, v) or []) if s not in NAMES]
+        if unknown:
+            raise ConfigError(f"{path}: variant {v}: unknown stages {unknown}; the stages are {list(NAMES)}")
+    rows = {"baseline"} | {f"{v} {m}" for v in cfg.variants for m in ROW_MODELS}
+    unknown = [r for pair in cfg.compare for r in pair if r not in rows]
+    if unknown:
+        raise ConfigError(f"{path}: compare names rows {unknown} that no variant can make; rows are "
+                          f"'baseline' and '<variant> baseline|teacher|student'")
     return cfg
+
+
+def variant_stages(exp: ExperimentConfig, variant: str) -> list[str] | None:
+    """The stages a variant's cells run: its own `stages:`, else the experiment's, else all (None)."""
+    return exp.variants[variant].get("stages", exp.stages)
 
 
 def cell_name(variant: str, seed: int) -> str:
@@ -75,6 +98,7 @@ def cell_config(exp: ExperimentConfig, variant: str, seed: int) -> dict:
         raw["weights"] = str((exp.base.parent / raw["weights"]).resolve())
     # stage 1 keeps the base's seed in every cell (one DDPM, one compressor); the detectors get the cell's
     raw.setdefault("seed", (raw.get("train") or {}).get("seed", 0))
-    raw = merge(merge(merge(raw, exp.common), exp.variants[variant]), {"train": {"seed": seed}})
+    over = {k: v for k, v in exp.variants[variant].items() if k != "stages"}  # stages: the runner's, not the config's
+    raw = merge(merge(merge(raw, exp.common), over), {"train": {"seed": seed}})
     raw["out"] = str(exp.out / "cells" / cell_name(variant, seed))
     return raw

@@ -123,3 +123,36 @@ def test_shipped_experiments_validate_cell_by_cell(name):
     exp = load_experiment(Path(__file__).resolve().parents[2] / "experiments" / name)
     for variant in exp.variants:
         validate(PipelineConfig, cell_config(exp, variant, exp.seeds[0]), f"{name}: {variant}")
+
+
+def test_a_variant_runs_only_its_stages_and_the_file_adds_comparisons(tmp_path):
+    """A variant's own `stages:` (a longer baseline alone) and `compare:` pairs in the report."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    exp = {"base": "base.yaml", "out": "study", "seeds": [0],
+           "variants": {"plain": {"stages": ["data", "baseline"]},
+                        "long": {"train": {"epochs": 2}, "stages": ["data", "baseline"]}},
+           "compare": [["baseline", "long baseline"]]}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
+    loaded = load_experiment(tmp_path / "exp.yaml")
+    assert "stages" not in cell_config(loaded, "long", 0) and cell_config(loaded, "long", 0)["train"]["epochs"] == 2
+    assert main(["experiment", str(tmp_path / "exp.yaml")]) == 0
+    cells = tmp_path / "study" / "cells"
+    assert sorted(p.name for p in (cells / "long-s0").iterdir() if p.is_dir()) == ["baseline", "data"]
+    report = json.loads((tmp_path / "study" / "experiment.json").read_text())
+    assert set(report["rows"]) == {"baseline", "long baseline"}
+    pairs = {(p["a"], p["b"]) for p in report["paired"]}
+    assert pairs == {("long baseline", "baseline"), ("baseline", "long baseline")}
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"compare": [["d3n teacher", "long baseline"]]}, "long baseline"),
+    ({"variants": {"d3n": {"stages": ["data", "baseline", "teachr"]}}}, "teachr"),
+])
+def test_experiment_file_names_what_it_cannot_run(tmp_path, change, named):
+    from d3n.errors import ConfigError
+
+    path = _experiment(tmp_path)
+    raw = {**yaml.safe_load(path.read_text()), **change}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=named):
+        load_experiment(path)
