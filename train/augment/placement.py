@@ -1,7 +1,8 @@
 """Where a new defect goes: a target image of the train split and a mask on it.
 
-Masks come from the user (`DIR/<target stem>.png`, one per target image, the image's size),
-from the real boxes of the target (an ellipse inside one of them: a new defect where one was), or
+Masks come from the user (`DIR/<target stem>.png`, one per target image, the image's size; each
+8-connected region of a mask is one place a defect can go, with its own box, and the outermost
+pixel ring is left out, as everywhere here: Poisson cloning needs a border), from the real boxes of the target (an ellipse inside one of them: a new defect where one was), or
 at random (an ellipse the size of a real box of the class, on a defect-free image when the split
 has some, away from the boxes already there). The new box is the mask's bounding box.
 """
@@ -42,6 +43,15 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def regions(mask: np.ndarray) -> list[np.ndarray]:
+    """Each 8-connected region of a mask (bool), a pixel away from the image border."""
+    m = (mask > 0).astype(np.uint8)
+    m[[0, -1]] = 0
+    m[:, [0, -1]] = 0
+    n, labels = cv2.connectedComponents(m, connectivity=8)
+    return [labels == i for i in range(1, n)]
+
+
 def pixel_boxes(layout: DatasetLayout, image: Path, w: int, h: int) -> list[tuple[int, tuple[int, int, int, int]]]:
     return [(int(c), (int((cx - bw / 2) * w), int((cy - bh / 2) * h), int(np.ceil((cx + bw / 2) * w)),
                       int(np.ceil((cy + bh / 2) * h)))) for c, cx, cy, bw, bh in layout.labels(image).tolist()]
@@ -68,8 +78,9 @@ class Placer:
             if missing:
                 raise DataError(f"{user_masks}/{missing[0]}: no train image named {Path(missing[0]).stem}.* "
                                 f"in {layout.splits['train']} ({len(missing)} such masks)")
-            self.user_images = [by_stem[m.stem] for m in self.user_files]
-            for m, img in zip(self.user_files, self.user_images, strict=True):  # all checked before anything is made
+            self.user_targets = []  # (image, mask file, region index): every region is a place
+            for m in self.user_files:  # all checked before anything is made
+                img = by_stem[m.stem]
                 mask = cv2.imread(str(m), cv2.IMREAD_GRAYSCALE)
                 if mask is None:
                     raise DataError(f"{m}: unreadable mask")
@@ -79,13 +90,17 @@ class Placer:
                     raise DataError(f"{m}: mask is {mask.shape[1]}x{mask.shape[0]} but {img} is {w}x{h}")
                 if not mask.any():
                     raise DataError(f"{m}: empty mask (nothing to draw into)")
+                found = regions(mask)
+                if not found:
+                    raise DataError(f"{m}: the mask lies on the image's outermost pixels only (nothing to draw into "
+                                    f"a pixel away from the border)")
+                self.user_targets += [(img, m, i) for i in range(len(found))]
 
     def place(self, cls: int, rng: np.random.Generator, h_w: dict[Path, tuple[int, int]]) -> Target:
         if self.how == "dir":
-            k = int(rng.integers(len(self.user_files)))
-            img, path = self.user_images[k], self.user_files[k]
-            mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 0  # checked at construction
-            return Target(img, mask, mask_box(mask), f"mask {path.name}")
+            img, path, i = self.user_targets[int(rng.integers(len(self.user_targets)))]
+            mask = regions(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE))[i]  # checked at construction
+            return Target(img, mask, mask_box(mask), f"mask {path.name} region {i + 1}")
         if self.how == "boxes":
             pool = [p for p in self.with_boxes if any(c == cls for c, *_ in self.layout.labels(p).tolist())]
             pool = pool or self.with_boxes

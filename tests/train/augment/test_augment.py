@@ -63,6 +63,26 @@ def test_paste_writes_train_only_is_deterministic_and_sheets_for_review(two_clas
         assert sheet is not None and sheet.shape[0] >= 128  # real row + generated row
 
 
+def test_each_region_of_a_user_mask_is_a_place_with_its_own_box(two_class, tmp_path):
+    """Two blobs in one mask are two places (one box each, never one box around both); a blob on
+    the image border loses its outermost pixel ring and still pastes (Poisson cloning needs a border)."""
+    folder, target, _ = _user_mask(two_class, tmp_path)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:16, 8:20] = 255
+    mask[0:10, 50:64] = 255  # touches the top and right borders
+    cv2.imwrite(str(folder / f"{target.stem}.png"), mask)
+    r = augment(two_class, tmp_path / "out", "paste", {"bright": 6}, masks=str(folder), seed=0, progress=False)
+    assert r["kept"] == 6
+    boxes = {tuple(it["box"]) for it in read_json(tmp_path / "out" / PLAN)["items"]}
+    assert boxes == {(8, 8, 20, 16), (50, 1, 63, 10)}
+    edge = np.zeros((64, 64), np.uint8)
+    edge[0, :] = 255
+    cv2.imwrite(str(folder / f"{target.stem}.png"), edge)
+    with pytest.raises(DataError, match=rf"{target.stem}\.png: the mask lies on the image's outermost pixels"):
+        augment(two_class, tmp_path / "o2", "paste", {"bright": 1}, masks=str(folder), progress=False)
+    assert not (tmp_path / "o2").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["inpaint", "blend"])
 def test_generated_region_only_changes(method, two_class, generator_run, tmp_path):
