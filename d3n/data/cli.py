@@ -49,13 +49,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the dataset's class names) and adds every image to one split of DATA, as a new "
                         "version in DATA/versions.json. Nothing changes if a check fails or a name is "
                         "taken. For DATA inside a pipeline run (RUN/data/dataset), the next `d3n pipeline` "
-                        "brings the chain up to date incrementally (see the config's update: section).")
-    p.add_argument("new", help="folder (or COCO .json / YOLO data.yaml) with the new images")
+                        "brings the chain up to date incrementally (see the config's update: section). "
+                        "An addition killed while moving images in is completed by --finish (or the next add).")
+    p.add_argument("new", nargs="?", help="folder (or COCO .json / YOLO data.yaml) with the new images")
     p.add_argument("--to", required=True, help="dataset folder to add to (with data.yaml)")
     p.add_argument("--split", default="train", choices=("train", "val"),
                    help="where the images go (default train; the test split stays fixed)")
     p.add_argument("--format", choices=FORMATS, help="format of NEW (default: autodetect)")
     p.add_argument("--skip-bad", action="store_true", help="leave bad images out instead of failing")
+    p.add_argument("--finish", action="store_true", help="complete an addition that was interrupted while "
+                                                         "moving images in (nothing new is added)")
     p.set_defaults(func=_add)
 
     p = cmds.add_parser("check", help="per-class counts and every bad file of a dataset")
@@ -109,7 +112,15 @@ def _import(args: argparse.Namespace) -> int:
 
 def _add(args: argparse.Namespace) -> int:
     from d3n.data import versions
+    from d3n.errors import DataError
 
+    if args.new is None:  # --finish alone (an addition with NEW completes an interrupted one first, too)
+        if not args.finish:
+            raise DataError("d3n data add: name the folder of new images (or --finish an interrupted addition)")
+        done = versions.finish(args.to)
+        print(f"{args.to}: " + (f"completed the interrupted addition: data version {done['version']}" if done
+                                 else "no interrupted addition to complete"))
+        return 0
     entry = versions.add(args.new, args.to, split=args.split, fmt=args.format, skip_bad=args.skip_bad)
     n = sum(entry["images"].values())
     print(f"added {n} image(s) from {args.new} to {args.to} ({args.split}): data version {entry['version']}")

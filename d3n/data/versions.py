@@ -7,6 +7,12 @@ and every stage's `.pipeline.json` records the data version it saw. A dataset wi
 (made before versions existed) is version 1.
 
 The test split is never added to: numbers reported on it stay comparable across versions.
+
+An addition is all or nothing: the new images are imported and checked in a scratch folder inside
+DATA, then a journal (`.add-pending.json`: every move, the new version's entry) is written before
+the first file moves. A process killed during the moves leaves the journal; `d3n data add --finish
+--to DATA` (or the next `d3n data add`) replays it to the end, and until then reading the dataset's
+versions is an error naming it, so no stage trains on a half-added split.
 """
 
 from __future__ import annotations
@@ -21,11 +27,16 @@ from d3n.data.layout import DatasetLayout, label_path_for
 from d3n.errors import DataError
 
 VERSIONS = "versions.json"
+PENDING = ".add-pending.json"
 ADDABLE = ("train", "val")
 
 
 def read(root: str | Path) -> list[dict]:
-    path = Path(root) / VERSIONS
+    root = Path(root)
+    if (root / PENDING).exists():
+        raise DataError(f"{root}: a `d3n data add` was interrupted while moving images in ({root / PENDING}); "
+                        f"run `d3n data add --finish --to {root}` to complete it")
+    path = root / VERSIONS
     return read_json(path)["versions"] if path.exists() else []
 
 
@@ -52,14 +63,19 @@ def add(new: str | Path, to: str | Path, split: str = "train", fmt: str | None =
     """Import `new` (VOC / YOLO / COCO, the import's checks) and add all of its images to `split`
     of the dataset `to` (whatever split NEW itself puts them in); returns the new version's entry.
     Nothing is changed if any check fails: the images are imported and checked in a scratch folder
-    first, then moved in (renames within one filesystem)."""
+    first, then moved in (renames within one filesystem) under a journal (module docstring)."""
     from d3n.data.importer import import_dataset
 
     if split not in ADDABLE:
         raise DataError(f"--split {split}: images are added to train or val; the test split stays fixed so "
                         "numbers reported on it stay comparable")
+    finish(to)
     target = DatasetLayout.open(to)
-    with tempfile.TemporaryDirectory(prefix=".add-", dir=target.root) as tmp:
+    for stale in target.root.glob(".add-*"):  # scratch of an addition killed before its journal: never moved in
+        if stale.is_dir():
+            shutil.rmtree(stale)
+    tmp = tempfile.mkdtemp(prefix=".add-", dir=target.root)  # removed by finish() once the moves are done
+    try:
         staged = Path(tmp) / "data"
         import_dataset(new, staged, fmt=fmt, val_frac=0.0, skip_bad=skip_bad, names=list(target.names),
                        progress=progress)
@@ -74,12 +90,37 @@ def add(new: str | Path, to: str | Path, split: str = "train", fmt: str | None =
         history = read(target.root) or [entry(1, "(before versions were recorded)", _stems(target))]
         made = entry(len(history) + 1, str(Path(new).resolve()), {split: sorted(p.stem for p in images)})
         dest = target.splits[split]
-        for img in images:  # same filesystem: each move is a rename
-            shutil.move(label_path_for(img), label_path_for(dest / img.name))
-            shutil.move(img, dest / img.name)
-    write_json(target.root / VERSIONS, {"versions": [*history, made]})
-    _refresh_stage_manifest(target.root)
+        moves = [(src, dst) for img in images
+                 for src, dst in ((label_path_for(img), label_path_for(dest / img.name)), (img, dest / img.name))]
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    rel = [[str(a.relative_to(target.root)), str(b.relative_to(target.root))] for a, b in moves]
+    write_json(target.root / PENDING, {"versions": [*history, made], "moves": rel, "scratch": Path(tmp).name})
+    finish(target.root)
     return made
+
+
+def finish(root: str | Path) -> dict | None:
+    """Replay an interrupted addition's journal to its end (a move already made is skipped); returns
+    the version it completed, or None when nothing was pending."""
+    root = Path(root)
+    journal = root / PENDING
+    if not journal.exists():
+        return None
+    j = read_json(journal)
+    for src, dst in j["moves"]:  # same filesystem: each move is a rename
+        if (root / src).exists():
+            (root / dst).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(root / src, root / dst)
+        elif not (root / dst).exists():
+            raise DataError(f"{journal}: {src} is neither in the scratch folder nor at {dst}; the addition "
+                            "cannot be completed (restore the dataset from its source)")
+    write_json(root / VERSIONS, {"versions": j["versions"]})
+    shutil.rmtree(root / j["scratch"], ignore_errors=True)
+    journal.unlink()
+    _refresh_stage_manifest(root)
+    return j["versions"][-1]
 
 
 def _refresh_stage_manifest(root: Path) -> None:

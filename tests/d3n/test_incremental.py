@@ -149,3 +149,49 @@ def test_a_field_added_later_keeps_old_keys_at_its_default():
 
     assert "start" not in identity(Config())
     assert identity(Config(start=Path("prev.pt")))["start"] == Path("prev.pt")
+
+
+def test_an_addition_killed_while_moving_is_completed_and_blocks_until_then(synth_small, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Killed after its journal and two moves: reading the versions names the journal; `--finish`
+    replays the rest; the dataset ends exactly as an uninterrupted addition leaves it."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_small, data)
+    fresh = _new_images(tmp_path / "b", 3)
+    real_finish, real_move = versions.finish, shutil.move
+    moved = []
+
+    def move_twice_then_die(src, dst):
+        if len(moved) == 2:
+            raise KeyboardInterrupt
+        moved.append(src)
+        return real_move(src, dst)
+
+    def finish(root):  # add() finishes twice: first any earlier addition, last its own journal
+        if (Path(root) / versions.PENDING).exists():
+            monkeypatch.setattr(versions.shutil, "move", move_twice_then_die)
+        try:
+            return real_finish(root)
+        finally:
+            monkeypatch.setattr(versions.shutil, "move", real_move)
+
+    monkeypatch.setattr(versions, "finish", finish)
+    with pytest.raises(KeyboardInterrupt):
+        versions.add(fresh, data, progress=False)
+    monkeypatch.setattr(versions, "finish", real_finish)
+    assert len(moved) == 2
+    assert (data / versions.PENDING).exists()
+    with pytest.raises(DataError, match=r"interrupted .* `d3n data add --finish"):
+        versions.current(data)
+    assert main(["data", "add", "--finish", "--to", str(data)]) == 0
+    assert "completed the interrupted addition: data version 2" in capsys.readouterr().out
+    assert versions.current(data) == 2 and not (data / versions.PENDING).exists()
+    assert not list(data.glob(".add-*"))
+    layout = DatasetLayout.open(data)
+    for i in range(3):
+        img = data / "images" / "train" / f"new_synth_0000{i}.jpg"
+        assert img.exists() and layout.labels(img).shape[1] == 5
+    assert main(["data", "add", "--finish", "--to", str(data)]) == 0
+    assert "no interrupted addition" in capsys.readouterr().out
