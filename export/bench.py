@@ -6,7 +6,10 @@
 - torch eager on the same checkpoint (model-only);
 - end-to-end FPS of the d3n runtime pipeline on a video (FP32 and INT8);
 - ultralytics' own predictor on the same ONNX file and video (`stream=True`), the tool users
-  would otherwise reach for.
+  would otherwise reach for, and (with openvino installed) ultralytics' own OpenVINO export of the
+  checkpoint, its predictor's FPS and its own val mAP;
+- mAP50 / mAP50-95 of every backend that d3n runs (ORT and OpenVINO, FP32 and INT8) on the val split
+  of `--calib`'s dataset, through the runtime's pre/postprocessing (export/evaluate.py).
 Targets (reported, not asserted): e2e FPS >= 0.95 x model-only FPS; INT8 latency <= 0.45 x FP32.
 """
 
@@ -155,15 +158,54 @@ def _export_models(opts: BenchOptions, out: Path) -> dict[str, Path]:
     return models
 
 
-def _openvino_rows(fp32: Path, int8: Path, opts: BenchOptions) -> list[dict]:
-    """OpenVINO CPU on the same FP32 and Q/DQ INT8 files, when openvino is installed. Latency
-    only: the accuracy scorer (export/evaluate.py) runs ONNX Runtime."""
+def _accuracy(row: dict, metrics: dict) -> dict:
+    return {**row, **{k: metrics[k] for k in ("mAP50", "mAP50-95", "split") if k in metrics}}
+
+
+def _ort_rows(m: dict, opts: BenchOptions) -> list[dict]:
+    """ORT CPU on the FP32 and Q/DQ INT8 files; their mAP is the export's own scoring of them."""
+    acc = m["metrics"]
+    return [_accuracy(backend_latency(m["fp32"], "cpu", opts), acc.get("fp32", {})),
+            _accuracy(backend_latency(m["int8"], "cpu", opts), acc.get("int8", {}))]
+
+
+def _openvino_rows(m: dict, opts: BenchOptions) -> list[dict]:
+    """OpenVINO CPU on the same FP32 and Q/DQ INT8 files, when openvino is installed, each scored
+    on the same split through the same pre/postprocessing as the ORT rows."""
+    from d3n.export.evaluate import evaluate_onnx
     from d3n.runtime.openvino_backend import openvino_available
 
     if not openvino_available():
         log.info("bench: openvino not installed, no OpenVINO rows (pip install 'd3n[openvino]')")
         return []
-    return [backend_latency(fp32, "openvino", opts), backend_latency(int8, "openvino", opts)]
+    return [_accuracy(backend_latency(m[k], "openvino", opts),
+                      evaluate_onnx(m[k], m["data"], opts.imgsz, "val", device="openvino")) for k in ("fp32", "int8")]
+
+
+def ultralytics_openvino(m: dict, video: Path, opts: BenchOptions, out: Path) -> dict | None:
+    """ultralytics' own route on an Intel CPU: its OpenVINO export of the checkpoint (FP32), its
+    predictor's FPS on the video, and its own val mAP on the same split (ultralytics' matching and
+    AP, not d3n.metrics). None without openvino."""
+    import shutil
+
+    from d3n.data.layout import DatasetLayout
+    from d3n.offline import ultralytics
+    from d3n.runtime.openvino_backend import openvino_available
+
+    if not openvino_available():
+        return None
+    work = out / "ultralytics-openvino"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = shutil.copy2(opts.model, work / opts.model.name)  # ultralytics writes beside the checkpoint
+    size = opts.imgsz[0] if opts.imgsz[0] == opts.imgsz[1] else list(opts.imgsz)
+    ul = ultralytics()
+    folder = Path(ul.YOLO(str(ckpt), task="detect").export(format="openvino", imgsz=size, device="cpu"))
+    row = ultralytics_fps(folder, video, opts)
+    val = ul.YOLO(str(folder), task="detect").val(
+        data=str(DatasetLayout.open(m["data"]).yaml_path), split="val", imgsz=size, batch=1, device="cpu",
+        plots=False, verbose=False, project=str(work), name="val", exist_ok=True)
+    return {**row, "backend": "ultralytics-openvino-cpu", "mAP50": float(val.box.map50),
+            "mAP50-95": float(val.box.map), "split": "val", "mAP_by": "ultralytics val"}
 
 
 def _gpu_rows(fp32: Path, opts: BenchOptions, out: Path) -> list[dict]:
@@ -199,13 +241,14 @@ def run_bench(opts: BenchOptions) -> dict:
             raise D3NError(f"{video}: video not found")
         result = {"hardware": hardware(), "imgsz": list(opts.imgsz), "checkpoint": str(opts.model),
                   "video": str(opts.source or "generated from the dataset's val images"),
-                  "model_only": [backend_latency(m["fp32"], "cpu", opts), backend_latency(m["int8"], "cpu", opts),
-                                 *_openvino_rows(m["fp32"], m["int8"], opts),
+                  "model_only": [*_ort_rows(m, opts), *_openvino_rows(m, opts),
                                  *_gpu_rows(m["fp32"], opts, out), torch_latency(opts.model, opts)],
                   "end_to_end": {"d3n_fp32": pipeline_fps(m["fp32"], video, opts),
                                  "d3n_int8": pipeline_fps(m["int8"], video, opts),
                                  "ultralytics_fp32": ultralytics_fps(m["fp32"], video, opts)},
                   "accuracy": m["metrics"]}
+        if (ov := ultralytics_openvino(m, video, opts, out)) is not None:
+            result["end_to_end"]["ultralytics_openvino_fp32"] = ov
         result["ratios"] = ratios(result)
         path = opts.json or out / "bench.json"
         write_json(path, result)
@@ -244,12 +287,16 @@ def table(r: dict) -> str:
     hw = r["hardware"]
     lines = [f"d3n bench  imgsz {r['imgsz']}  on {hw.get('cpu')} ({hw.get('cores')} CPUs, "
              f"{hw.get('cuda_devices')} CUDA devices)", "",
-             f"{'model-only':<44}{'p50 ms':>9}{'p99 ms':>9}{'FPS':>8}"]
+             f"{'model-only':<44}{'p50 ms':>9}{'p99 ms':>9}{'FPS':>8}{'mAP50':>8}"]
+
+    def m50(row):
+        return f"{row['mAP50'] * 100:>8.1f}" if "mAP50" in row else f"{'-':>8}"
+
     for row in r["model_only"]:
         lines.append(f"{row['backend'] + ' ' + row['model']:<44}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
-                     f"{row['fps']:>8.2f}")
-    lines += ["", f"{'end-to-end (video)':<44}{'FPS':>26}"]
+                     f"{row['fps']:>8.2f}{m50(row)}")
+    lines += ["", f"{'end-to-end (video)':<44}{'FPS':>26}{'mAP50':>8}"]
     for name, row in r["end_to_end"].items():
-        lines.append(f"{name + ' ' + row['model']:<44}{row['fps']:>26.2f}")
+        lines.append(f"{name + ' ' + row['model']:<44}{row['fps']:>26.2f}{m50(row)}")
     lines += [""] + [f"{k:<44}{v:>26.3f}" for k, v in r["ratios"].items()]
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Both the FP32 and the INT8 model go through the same path (ORT CPU, the runtime's letterbox, decode
 and NMS at ultralytics' val settings, `d3n.metrics` matching and AP), so the two numbers compare,
-and they compare with training's: the same `d3n.metrics` keys, as fractions.
+and they compare with training's: the same `d3n.metrics` keys, as fractions. With `device`, the
+model runs on that runtime backend instead (e.g. OpenVINO, for `d3n bench`), the rest unchanged.
 """
 
 from __future__ import annotations
@@ -20,21 +21,31 @@ from d3n.metrics import DetectionStats
 CONF, IOU, MAX_DET = 0.001, 0.7, 300  # ultralytics' val settings, as training scores
 
 
-def evaluate_onnx(model_path: Path, data: str | Path, imgsz: tuple[int, int], split: str = "val") -> dict:
-    """`d3n.metrics` summary (plus `split`) of a raw-head ONNX model on DATA's `split`."""
+def evaluate_onnx(model_path: Path, data: str | Path, imgsz: tuple[int, int], split: str = "val",
+                  device: str | None = None) -> dict:
+    """`d3n.metrics` summary (plus `split`) of a raw-head ONNX model on DATA's `split`: on ORT CPU,
+    or with `device` through the runtime's backend for it (the model's sidecar is then required)."""
     from d3n.export.calib import read_image
     from d3n.export.parity import ort_run, ort_session
     from d3n.runtime.postprocess import class_thresholds, postprocess
     from d3n.runtime.preprocess import prepare
 
     layout = DatasetLayout.open(data)
-    session = ort_session(model_path)
+    if device is None:
+        session = ort_session(model_path)
+
+        def infer(blob):
+            return ort_run(session, [blob])[0]
+    else:
+        from d3n.runtime.backends import open_backend
+
+        infer = open_backend(model_path, device).infer
     thresholds = class_thresholds(layout.nc, CONF)
     stats = DetectionStats()
     for path in layout.images(split):
         img = read_image(path)
         blob, lb = prepare(img, imgsz)
-        det = postprocess(ort_run(session, [blob])[0], lb, thresholds, iou=IOU, max_det=MAX_DET)
+        det = postprocess(infer(blob), lb, thresholds, iou=IOU, max_det=MAX_DET)
         labels = layout.labels(path)
         h, w = img.shape[:2]
         # labels are normalised xywh; detections come back in original-frame pixels

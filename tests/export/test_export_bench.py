@@ -19,12 +19,24 @@ def test_bench_side_by_side(tiny_ckpt, synth_small, tmp_path, capsys):
     rows = {(row["backend"].split(" ")[0], row["model"]) for row in r["model_only"]}
     assert {("onnxruntime-cpu", "model.onnx"), ("onnxruntime-cpu", "model.int8.onnx"),
             ("torch-eager-cpu", "tiny.pt")} <= rows
-    if importlib.util.find_spec("openvino"):  # OpenVINO rows on the same two files, when installed
+    have_openvino = importlib.util.find_spec("openvino") is not None
+    if have_openvino:  # OpenVINO rows on the same two files, when installed
         assert {("openvino-cpu", "model.onnx"), ("openvino-cpu", "model.int8.onnx")} <= rows
     for row in r["model_only"]:
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["fps"] > 0
+    by = {(row["backend"].split(" ")[0], row["model"]): row for row in r["model_only"]}
+    for (backend, model), row in by.items():  # every d3n backend scored on the same split and path
+        if backend != "torch-eager-cpu":
+            assert row["split"] == "val" and math.isfinite(row["mAP50"]), (backend, model)
+    assert by[("onnxruntime-cpu", "model.onnx")]["mAP50"] == r["accuracy"]["fp32"]["mAP50"]
+    if have_openvino:  # FP32 on two runtimes: the same detections up to float rounding
+        assert abs(by[("openvino-cpu", "model.onnx")]["mAP50"] - r["accuracy"]["fp32"]["mAP50"]) < 0.01
     e2e = r["end_to_end"]
-    assert set(e2e) == {"d3n_fp32", "d3n_int8", "ultralytics_fp32"}
+    ov = {"ultralytics_openvino_fp32"} if have_openvino else set()
+    assert set(e2e) == {"d3n_fp32", "d3n_int8", "ultralytics_fp32"} | ov
+    if have_openvino:
+        assert e2e["ultralytics_openvino_fp32"]["mAP_by"] == "ultralytics val"
+        assert 0 <= e2e["ultralytics_openvino_fp32"]["mAP50"] <= 1
     assert e2e["d3n_fp32"]["frames"] == 12 and all(v["fps"] > 0 for v in e2e.values())
     assert math.isfinite(r["accuracy"]["fp32"]["mAP50"]) and math.isfinite(r["accuracy"]["int8"]["mAP50"])
     for key in ("e2e_over_model_only_fp32", "int8_over_fp32_latency_p50", "d3n_over_ultralytics_e2e"):

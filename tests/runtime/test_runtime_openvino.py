@@ -218,14 +218,24 @@ def test_int8_qdq_model_runs_as_int8(tiny_onnx, int8_onnx):
 
 
 @needs_openvino
-def test_bench_openvino_rows(tiny_onnx, int8_onnx, monkeypatch):
+def test_bench_openvino_rows(tiny_onnx, int8_onnx, monkeypatch, tmp_path):
+    import yaml
+
+    from d3n.data.synth import generate
     from d3n.export import bench
     from d3n.runtime import openvino_backend
 
-    opts = bench.BenchOptions(model=tiny_onnx.with_suffix(".pt"), iters=3, warmup=1)
-    rows = bench._openvino_rows(tiny_onnx, int8_onnx, opts)
+    data = generate(tmp_path / "data", images=8, size=IMGSZ, seed=0, val_frac=0.5, progress=False)
+    for lbl in (data / "labels").rglob("*.txt"):  # the tiny model's 3 classes
+        lbl.write_text("".join(f"{ln}\n" for ln in lbl.read_text().splitlines() if int(ln.split()[0]) < len(NAMES)))
+    spec = yaml.safe_load((data / "data.yaml").read_text())
+    (data / "data.yaml").write_text(yaml.safe_dump({**spec, "names": dict(enumerate(NAMES)), "nc": len(NAMES)}))
+    opts = bench.BenchOptions(model=tiny_onnx.with_suffix(".pt"), imgsz=(IMGSZ, IMGSZ), iters=3, warmup=1)
+    m = {"fp32": tiny_onnx, "int8": int8_onnx, "data": data}
+    rows = bench._openvino_rows(m, opts)
     assert [(r["backend"], r["model"]) for r in rows] == [("openvino-cpu", "tiny.onnx"),
                                                            ("openvino-cpu", "tiny.int8.onnx")]
     assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["fps"] > 0 and r["iters"] == 3 for r in rows)
+    assert all(r["split"] == "val" and 0 <= r["mAP50"] <= 1 for r in rows)  # scored, on the same split
     monkeypatch.setattr(openvino_backend, "openvino_available", lambda: False)
-    assert bench._openvino_rows(tiny_onnx, int8_onnx, opts) == []
+    assert bench._openvino_rows(m, opts) == []
