@@ -51,6 +51,8 @@ def register(sub) -> None:
     b.add_argument("--iters", type=int, default=100, help="timed model-only iterations per backend")
     b.add_argument("--calib", type=Path, help="dataset for INT8 calibration and mAP50 (default: a generated "
                                               "synthetic dataset, whose mAP says nothing about the model)")
+    b.add_argument("--split", default="val", help="split of --calib's dataset every mAP is scored on (default "
+                                                  "val; test when the checkpoint was chosen on val)")
     b.add_argument("--out", type=Path, help="folder for the exported models (default: a temp folder)")
     b.set_defaults(func=_cmd_bench)
 
@@ -103,7 +105,8 @@ def _cmd_bench(args) -> int:
     from d3n.export.bench import BenchOptions, run_bench
 
     run_bench(BenchOptions(model=args.model, source=args.source, imgsz=args.imgsz, json=args.json,
-                           frames=args.frames, iters=args.iters, calib=args.calib, out=args.out))
+                           frames=args.frames, iters=args.iters, calib=args.calib, out=args.out,
+                           split=args.split))
     return 0
 
 

@@ -28,7 +28,7 @@ def test_bench_side_by_side(tiny_ckpt, synth_small, tmp_path, capsys):
     for (backend, model), row in by.items():  # every d3n backend scored on the same split and path
         if backend != "torch-eager-cpu":
             assert row["split"] == "val" and math.isfinite(row["mAP50"]), (backend, model)
-    assert by[("onnxruntime-cpu", "model.onnx")]["mAP50"] == r["accuracy"]["fp32"]["mAP50"]
+    assert abs(by[("onnxruntime-cpu", "model.onnx")]["mAP50"] - r["accuracy"]["fp32"]["mAP50"]) < 1e-6  # one path
     if have_openvino:  # FP32 on two runtimes: the same detections up to float rounding
         assert abs(by[("openvino-cpu", "model.onnx")]["mAP50"] - r["accuracy"]["fp32"]["mAP50"]) < 0.01
     e2e = r["end_to_end"]
