@@ -25,8 +25,13 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 # the other ranks wait at a barrier while rank 0 runs a single-process stage (a DDPM, an export):
-# long enough for any stage; torchrun stops every rank at once when one fails
+# long enough for any stage, on a group of its own
 WAIT = datetime.timedelta(hours=48)
+# every other collective (a gradient all-reduce, the wait for rank 0's evaluation of an epoch): a
+# node that dies or hangs without exiting stops the others within this, not two days later
+# (torchrun itself stops every rank at once when one exits with an error)
+STEP = datetime.timedelta(seconds=float(os.environ.get("D3N_COLLECTIVE_TIMEOUT", 3600)))
+_waiting = None  # the process group of the long waits
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,9 @@ def init_from_env() -> World:
     import torch.distributed as dist
 
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    dist.init_process_group(backend=backend, timeout=WAIT)
+    dist.init_process_group(backend=backend, timeout=STEP)
+    global _waiting
+    _waiting = dist.new_group(backend="gloo", timeout=WAIT)
     w = world()
     threads = max(1, cpu_cores() // w.local_size)
     torch.set_num_threads(threads)
@@ -98,19 +105,20 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
+def barrier(long: bool = False) -> None:
+    """All ranks meet; `long`: the others wait for rank 0's single-process work (WAIT, not STEP)."""
     dist = _dist()
     if dist is not None:
-        dist.barrier()
+        dist.barrier(group=_waiting if long else None)
 
 
-def broadcast(obj):
-    """rank 0's `obj` on every rank (a plain picklable value)."""
+def broadcast(obj, long: bool = False):
+    """rank 0's `obj` on every rank (a plain picklable value); `long` as for barrier."""
     dist = _dist()
     if dist is None:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_waiting if long else None)
     return box[0]
 
 

@@ -252,7 +252,7 @@ class Pipeline:
         else:
             decision = "resume" if state.get("key") == key and d.exists() else "run"
         # under torchrun: rank 0's decision for every rank, taken before anyone changes the folder
-        decision = distributed.broadcast(decision)
+        decision = distributed.broadcast(decision, long=True)
         main = distributed.world().main
         if decision == "skip":
             self.status[stage.name] = "skipped (up to date)"
@@ -268,7 +268,7 @@ class Pipeline:
                 self.share.copy(src, d)
                 write_json(state_file, {"key": key, "made": self.status[stage.name]})
                 log.info("stage %s: same key as %s, shared", stage.name, src)
-            distributed.barrier()
+            distributed.barrier(long=True)  # rank 0 works on files meanwhile
             return
         if decision == "update":
             config, how = self._update(stage, config, inputs, d, key, own, version, main,
@@ -283,7 +283,7 @@ class Pipeline:
             d.mkdir(parents=True, exist_ok=True)
             write_json(state_file, {"key": key})
             print(f"\n== {stage.name}{' (resuming)' if decision == 'resume' else ''} ==", flush=True)
-        distributed.barrier()
+        distributed.barrier(long=True)  # rank 0 works on files meanwhile
         t0 = time.time()
         execute(stage, config, inputs, d)
         self.timings[stage.name] = round(time.time() - t0, 1)
@@ -352,8 +352,8 @@ class Pipeline:
                     d.mkdir(parents=True)
                     os.replace(best, previous)
                 write_json(d / STATE, {"key": key, "updating": key})
-        result = distributed.broadcast(result)
-        distributed.barrier()
+        result = distributed.broadcast(result, long=True)  # an update step rank 0 ran alone
+        distributed.barrier(long=True)  # rank 0 works on files meanwhile
         if isinstance(result, dict):
             self.status[stage.name] = f"updated for data version {version}"
             return config, "done"

@@ -139,7 +139,7 @@ def execute(stage: Stage, config: Any, inputs: dict[str, Path], out: Path) -> di
     every_rank = getattr(stage.impl(), "DISTRIBUTED", False)
     # a failure on one rank ends them all (torchrun stops the group), so no barrier on the way out
     metrics = _execute(stage, config, inputs, out, write=w.main) if every_rank or w.main else None
-    distributed.barrier()  # the others wait here for rank 0's single-process stage
+    distributed.barrier(long=not every_rank)  # the others wait here for rank 0's single-process stage
     return metrics if every_rank else distributed.broadcast(metrics)
 
 
