@@ -94,14 +94,15 @@ def make_video(frames: list[np.ndarray], path: Path, n: int, fps: float = 25.0) 
     return path
 
 
-def backend_latency(model: Path, device: str, opts: BenchOptions) -> dict:
+def backend_latency(model: Path, device: str, opts: BenchOptions, **options) -> dict:
     from d3n.runtime.backends import open_backend
 
-    be = open_backend(model, device=device)
+    be = open_backend(model, device=device, **options)
     try:
         blob = np.random.default_rng(0).random(be.input_shape, dtype=np.float32)
         res = latency(lambda: be.infer(blob), opts.iters, opts.warmup)
-        return {"backend": be.name, "model": model.name, **res}
+        name = be.name + (f" ({options['inference_precision']})" if "inference_precision" in options else "")
+        return {"backend": name, "model": model.name, **res}
     finally:
         be.close()
 
@@ -164,13 +165,14 @@ def _accuracy(row: dict, metrics: dict) -> dict:
     return {**row, **{k: metrics[k] for k in ("mAP50", "mAP50-95", "split") if k in metrics}}
 
 
-def _scored_rows(m: dict, device: str, opts: BenchOptions) -> list[dict]:
+def _scored_rows(m: dict, device: str, opts: BenchOptions, models=("fp32", "int8"), **options) -> list[dict]:
     """Latency and mAP of the FP32 and Q/DQ INT8 files on one backend, each scored on the same
     split through the same pre/postprocessing."""
     from d3n.export.evaluate import evaluate_onnx
 
-    return [_accuracy(backend_latency(m[k], device, opts),
-                      evaluate_onnx(m[k], m["data"], opts.imgsz, opts.split, device=device)) for k in ("fp32", "int8")]
+    return [_accuracy(backend_latency(m[k], device, opts, **options),
+                      evaluate_onnx(m[k], m["data"], opts.imgsz, opts.split, device=device, **options))
+            for k in models]
 
 
 def _openvino_rows(m: dict, opts: BenchOptions) -> list[dict]:
@@ -180,7 +182,9 @@ def _openvino_rows(m: dict, opts: BenchOptions) -> list[dict]:
     if not openvino_available():
         log.info("bench: openvino not installed, no OpenVINO rows (pip install 'd3n[openvino]')")
         return []
-    return _scored_rows(m, "openvino", opts)
+    # and the FP32 model at bf16, OpenVINO's own default on CPUs with AMX (ultralytics' OpenVINO
+    # route runs it so): faster there, other numbers; `d3n run --openvino-precision bf16` takes it
+    return [*_scored_rows(m, "openvino", opts), *_scored_rows(m, "openvino", opts, ("fp32",), inference_precision="bf16")]
 
 
 def ultralytics_openvino(m: dict, video: Path, opts: BenchOptions, out: Path) -> dict | None:

@@ -22,9 +22,10 @@ CONF, IOU, MAX_DET = 0.001, 0.7, 300  # ultralytics' val settings, as training s
 
 
 def evaluate_onnx(model_path: Path, data: str | Path, imgsz: tuple[int, int], split: str = "val",
-                  device: str | None = None) -> dict:
+                  device: str | None = None, **options) -> dict:
     """`d3n.metrics` summary (plus `split`) of a raw-head ONNX model on DATA's `split`: on ORT CPU,
-    or with `device` through the runtime's backend for it (the model's sidecar is then required)."""
+    or with `device` through the runtime's backend for it (the model's sidecar is then required),
+    opened with `options` (e.g. OpenVINO's inference_precision)."""
     from d3n.export.calib import read_image
     from d3n.export.parity import ort_run, ort_session
     from d3n.runtime.postprocess import class_thresholds, postprocess
@@ -39,7 +40,7 @@ def evaluate_onnx(model_path: Path, data: str | Path, imgsz: tuple[int, int], sp
     else:
         from d3n.runtime.backends import open_backend
 
-        infer = open_backend(model_path, device).infer
+        infer = open_backend(model_path, device, **options).infer
     thresholds = class_thresholds(layout.nc, CONF)
     stats = DetectionStats()
     for path in layout.images(split):

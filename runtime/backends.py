@@ -160,7 +160,7 @@ def open_backend(model_path: str | Path, device: str = "auto", **options) -> Bac
     device: "auto" (best available, see `onnx_device`), "cpu", "cuda", "tensorrt" (ONNX Runtime)
     or "openvino". Engine files go to native TensorRT (GPU only). Options are passed to the
     backend (both: `intra_op_threads`; ONNX Runtime: `trt_cache_dir`; OpenVINO:
-    `inference_precision`). Raises ArtifactError for a missing/corrupt model or a sidecar that
+    `inference_precision`, an error for another backend unless "f32"). Raises ArtifactError for a missing/corrupt model or a sidecar that
     does not match, ConfigError for an unavailable device.
     """
     if device not in DEVICES:
@@ -178,6 +178,12 @@ def open_backend(model_path: str | Path, device: str = "auto", **options) -> Bac
         raise ArtifactError(f"{model_path}: unknown model type '{model_path.suffix}' "
                             f"(expected .onnx or {'/'.join(ENGINE_SUFFIXES)})")
     device = onnx_device(device)
+    precision = options.pop("inference_precision", None)
+    if device == "openvino" and precision is not None:
+        options["inference_precision"] = precision
+    elif precision not in (None, "f32"):  # never dropped silently: the numbers would not be the asked ones
+        raise ConfigError(f"--openvino-precision {precision}: only the OpenVINO backend takes an inference "
+                          f"precision; {model_path.name} runs on ONNX Runtime ({device}) in the model's own")
     if device == "openvino":
         from d3n.runtime.openvino_backend import OpenVINOBackend
 

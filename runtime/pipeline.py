@@ -275,7 +275,7 @@ def run_pipeline(model: str | Path | Backend, source, sinks=(), *,
                  stats: Stats | None = None, video_fps: float = 25.0,
                  status_every: float = 60.0, watch: bool = False,
                  watch_interval: float = 2.0, batch_wait: float = 0.005,
-                 max_batch: int | None = None, threads: int | None = None,
+                 max_batch: int | None = None, threads: int | None = None, precision: str | None = None,
                  view_port: int | None = None, view_host: str = "127.0.0.1",
                  view_fps: float = VIEW_FPS) -> dict:
     """Run `model` on `source` until the sources end, `max_frames`/`duration` is reached or
@@ -294,6 +294,7 @@ def run_pipeline(model: str | Path | Backend, source, sinks=(), *,
     batch_wait: seconds a batch waits for more sources once it holds a frame. max_batch: frames
     per inference (default: the number of sources; never more than the model takes).
     threads: ONNX Runtime intra-op threads (default: every core this process may use).
+    precision: OpenVINO's inference precision (default f32; an error on another backend unless f32).
     view_port: serve the live view (view.py) on view_host:port (0: any free port), sending at
     most `view_fps` annotated frames per second to each viewer.
     Raises D3NError subclasses for bad models, sidecars, sources, sinks and options.
@@ -310,8 +311,9 @@ def run_pipeline(model: str | Path | Backend, source, sinks=(), *,
     if watch:  # its baseline is taken before the load: a model replaced meanwhile is not missed
         watcher = ModelWatcher(model if owns_backend else model.model_path, stats,
                                interval=watch_interval, device=device, warmup=warmup,
-                               threads=threads, batch=max_batch or len(srcs))
-    backend = open_backend(model, device, intra_op_threads=threads) if owns_backend else model
+                               threads=threads, batch=max_batch or len(srcs), precision=precision)
+    backend = (open_backend(model, device, intra_op_threads=threads, inference_precision=precision)
+               if owns_backend else model)
     slot = ModelSlot(Model(backend, owned=owns_backend), stats)
     sink_set = SinkSet([], stats)
     server = runner = view = None

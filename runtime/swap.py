@@ -189,7 +189,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def load_candidate(path: Path, running: Model, device: str, warmup: int, threads: int | None = None,
-                   batch: int = 1) -> Model | None:
+                   batch: int = 1, precision: str | None = None) -> Model | None:
     """Load `path`, check it against `running` and warm it up (also at `batch` frames, or its
     own max batch if smaller, when its batch axis is dynamic); None if it is the running model.
 
@@ -206,7 +206,7 @@ def load_candidate(path: Path, running: Model, device: str, warmup: int, threads
                             f"running model {running.id.file} {running.names}; a new model must "
                             "detect the same classes, in the same order")
     # input and output shapes checked against the sidecar; same threads as the running model
-    backend = open_backend(path, device, intra_op_threads=threads)
+    backend = open_backend(path, device, intra_op_threads=threads, inference_precision=precision)
     try:
         _warm_up(backend, warmup, min(batch, backend.max_batch or batch))
     except BaseException:
@@ -239,10 +239,12 @@ class ModelWatcher:
     baseline, so a model replaced during start-up is still picked up."""
 
     def __init__(self, path: str | Path, stats: Stats, *, interval: float = 2.0,
-                 device: str = "auto", warmup: int = 1, threads: int | None = None, batch: int = 1):
+                 device: str = "auto", warmup: int = 1, threads: int | None = None, batch: int = 1,
+                 precision: str | None = None):
         self.path = Path(path)
         self.stats, self.interval, self.device, self.warmup = stats, interval, device, warmup
-        self.threads, self.batch = threads, batch  # as the running model: intra-op threads, batch
+        # as the running model: intra-op threads, batch, OpenVINO inference precision
+        self.threads, self.batch, self.precision = threads, batch, precision
         self.known = snapshot(self.path)  # the state last acted upon
         self.slot: ModelSlot | None = None
         self._stop = threading.Event()
@@ -303,7 +305,8 @@ class ModelWatcher:
         log.info("model swap: loading %s (sidecar %s) beside the running %s", path,
                  sidecar_mod.sidecar_path(path).name, running.id)
         try:
-            model = load_candidate(path, running, self.device, self.warmup, self.threads, self.batch)
+            model = load_candidate(path, running, self.device, self.warmup, self.threads, self.batch,
+                                   self.precision)
         except Exception as exc:  # noqa: BLE001 - any failure refuses the model, never the line
             self._refuse([path], _reason(exc))
             return

@@ -24,13 +24,14 @@ def test_bench_side_by_side(tiny_ckpt, synth_small, tmp_path, capsys):
         assert {("openvino-cpu", "model.onnx"), ("openvino-cpu", "model.int8.onnx")} <= rows
     for row in r["model_only"]:
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["fps"] > 0
-    by = {(row["backend"].split(" ")[0], row["model"]): row for row in r["model_only"]}
+    by = {(row["backend"], row["model"]): row for row in r["model_only"]}
     for (backend, model), row in by.items():  # every d3n backend scored on the same split and path
-        if backend != "torch-eager-cpu":
+        if not backend.startswith("torch-eager-cpu"):
             assert row["split"] == "val" and math.isfinite(row["mAP50"]), (backend, model)
     assert abs(by[("onnxruntime-cpu", "model.onnx")]["mAP50"] - r["accuracy"]["fp32"]["mAP50"]) < 1e-6  # one path
     if have_openvino:  # FP32 on two runtimes: the same detections up to float rounding
         assert abs(by[("openvino-cpu", "model.onnx")]["mAP50"] - r["accuracy"]["fp32"]["mAP50"]) < 0.01
+        assert ("openvino-cpu (bf16)", "model.onnx") in by
     e2e = r["end_to_end"]
     ov = {"ultralytics_openvino_fp32"} if have_openvino else set()
     assert set(e2e) == {"d3n_fp32", "d3n_int8", "ultralytics_fp32"} | ov

@@ -46,6 +46,17 @@ def test_unavailable_device_is_an_error(tiny_onnx):
         open_backend(tiny_onnx, device="gpu0")
 
 
+def test_an_openvino_precision_on_onnx_runtime_is_refused(tiny_onnx, video_avi, tmp_path, capsys):
+    """Never dropped silently: the run would not compute in the precision asked for."""
+    with pytest.raises(ConfigError, match=r"--openvino-precision bf16: only the OpenVINO backend .* ONNX Runtime"):
+        open_backend(tiny_onnx, "cpu", inference_precision="bf16")
+    assert open_backend(tiny_onnx, "cpu", inference_precision="f32").name == "onnxruntime-cpu"  # what it does anyway
+    out = tmp_path / "det.jsonl"
+    rc, err = _run_cli(tiny_onnx, video_avi, capsys, "--device", "cpu", "--openvino-precision", "bf16",
+                       "--sink", f"jsonl:{out}")
+    assert rc != 0 and "--openvino-precision bf16" in err and not out.exists()
+
+
 def _run_cli(model, source, capsys, *extra) -> tuple[int, str]:
     rc = main(["run", "--model", str(model), "--source", str(source), *extra])
     return rc, capsys.readouterr().err

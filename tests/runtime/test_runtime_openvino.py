@@ -159,6 +159,19 @@ def test_run_device_openvino_writes_the_same_detections_as_cpu(tiny_onnx, video_
             np.testing.assert_allclose([d["score"] for d in a], [d["score"] for d in b], atol=SCORE_ATOL)
 
 
+@needs_openvino
+def test_run_takes_openvino_precision(tiny_onnx, video_avi, tmp_path, capsys, caplog):
+    """`--openvino-precision bf16` reaches the compiled model (and a hot-swapped one would get it too)."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "bf16.jsonl"
+    rc = main(["run", "--model", str(tiny_onnx), "--source", str(video_avi), "--device", "openvino",
+               "--openvino-precision", "bf16", "--threads", "1", "--sink", f"jsonl:{out}"])
+    assert rc == 0, capsys.readouterr().err
+    assert len(_detections(out)) == 60 and "precision bf16" in caplog.text
+
+
 def test_missing_openvino_is_a_clear_error(tiny_onnx, video_avi, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
     with pytest.raises(ConfigError, match=r"--device openvino: the `openvino` package is not installed"
@@ -234,7 +247,8 @@ def test_bench_openvino_rows(tiny_onnx, int8_onnx, monkeypatch, tmp_path):
     m = {"fp32": tiny_onnx, "int8": int8_onnx, "data": data}
     rows = bench._openvino_rows(m, opts)
     assert [(r["backend"], r["model"]) for r in rows] == [("openvino-cpu", "tiny.onnx"),
-                                                           ("openvino-cpu", "tiny.int8.onnx")]
+                                                           ("openvino-cpu", "tiny.int8.onnx"),
+                                                           ("openvino-cpu (bf16)", "tiny.onnx")]
     assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["fps"] > 0 and r["iters"] == 3 for r in rows)
     assert all(r["split"] == "val" and 0 <= r["mAP50"] <= 1 for r in rows)  # scored, on the same split
     monkeypatch.setattr(openvino_backend, "openvino_available", lambda: False)
