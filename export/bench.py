@@ -124,10 +124,11 @@ def torch_latency(ckpt_path: Path, opts: BenchOptions) -> dict:
             **latency(run, max(10, opts.iters // 2), 2)}
 
 
-def pipeline_fps(model: Path, video: Path, opts: BenchOptions) -> dict:
+def pipeline_fps(model: Path, video: Path, opts: BenchOptions, device: str = "cpu", precision: str | None = None) -> dict:
     from d3n.runtime.pipeline import run_pipeline
 
-    s = run_pipeline(model, str(video), sinks=(), device="cpu", warmup=opts.warmup, max_frames=opts.frames)
+    s = run_pipeline(model, str(video), sinks=(), device=device, warmup=opts.warmup, max_frames=opts.frames,
+                     precision=precision)
     return {"model": model.name, "backend": s["backend"], "frames": s["frames"], "fps": s["mean_fps"],
             "latency_ms": s["latency_ms"]}
 
@@ -209,8 +210,13 @@ def ultralytics_openvino(m: dict, video: Path, opts: BenchOptions, out: Path) ->
     val = ul.YOLO(str(folder), task="detect").val(
         data=str(DatasetLayout.open(m["data"]).yaml_path), split=opts.split, imgsz=size, batch=1, device="cpu",
         plots=False, verbose=False, project=str(work), name="val", exist_ok=True)
-    return {**row, "backend": "ultralytics-openvino-cpu", "mAP50": float(val.box.map50),
-            "mAP50-95": float(val.box.map), "split": opts.split, "mAP_by": "ultralytics val"}
+    import openvino as ov
+
+    # ultralytics leaves the precision to OpenVINO's CPU default (bf16 on CPUs with AMX): say which
+    default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
+    return {**row, "backend": "ultralytics-openvino-cpu", "precision": default,
+            "mAP50": float(val.box.map50), "mAP50-95": float(val.box.map), "split": opts.split,
+            "mAP_by": "ultralytics val"}
 
 
 def _gpu_rows(fp32: Path, opts: BenchOptions, out: Path) -> list[dict]:
@@ -252,8 +258,9 @@ def run_bench(opts: BenchOptions) -> dict:
                                  "d3n_int8": pipeline_fps(m["int8"], video, opts),
                                  "ultralytics_fp32": ultralytics_fps(m["fp32"], video, opts)},
                   "accuracy": m["metrics"]}
-        if (ov := ultralytics_openvino(m, video, opts, out)) is not None:
-            result["end_to_end"]["ultralytics_openvino_fp32"] = ov
+        if (ov := ultralytics_openvino(m, video, opts, out)) is not None:  # and d3n's run on the same terms
+            result["end_to_end"]["d3n_openvino_bf16"] = pipeline_fps(m["fp32"], video, opts, "openvino", "bf16")
+            result["end_to_end"]["ultralytics_openvino"] = ov
         result["ratios"] = ratios(result)
         path = opts.json or out / "bench.json"
         write_json(path, result)
