@@ -33,14 +33,17 @@ def test_bench_side_by_side(tiny_ckpt, synth_small, tmp_path, capsys):
         assert abs(by[("openvino-cpu", "model.onnx")]["mAP50"] - r["accuracy"]["fp32"]["mAP50"]) < 0.01
         assert ("openvino-cpu (bf16)", "model.onnx") in by
     e2e = r["end_to_end"]
-    ov = {"ultralytics_openvino", "d3n_openvino_bf16"} if have_openvino else set()
+    ov = {"ultralytics_openvino", "d3n_openvino_bf16", "d3n_openvino_int8"} if have_openvino else set()
+    if have_openvino and importlib.util.find_spec("nncf"):
+        ov.add("ultralytics_openvino_int8")
     assert set(e2e) == {"d3n_fp32", "d3n_int8", "ultralytics_fp32"} | ov
     if have_openvino:
         assert e2e["ultralytics_openvino"]["mAP_by"] == "ultralytics val" and e2e["ultralytics_openvino"]["precision"]
         assert 0 <= e2e["ultralytics_openvino"]["mAP50"] <= 1
     assert e2e["d3n_fp32"]["frames"] == 12 and all(v["fps"] > 0 for v in e2e.values())
     assert math.isfinite(r["accuracy"]["fp32"]["mAP50"]) and math.isfinite(r["accuracy"]["int8"]["mAP50"])
-    for key in ("e2e_over_model_only_fp32", "int8_over_fp32_latency_p50", "d3n_over_ultralytics_e2e"):
+    for key in ("e2e_over_model_only_fp32", "int8_over_fp32_latency_p50", "d3n_over_ultralytics_e2e",
+                "d3n_best_over_ultralytics_best_e2e"):
         assert math.isfinite(r["ratios"][key]) and r["ratios"][key] > 0
     printed = capsys.readouterr().out
     assert "model-only" in printed and "end-to-end" in printed
