@@ -27,11 +27,26 @@ log = logging.getLogger(__name__)
 # the other ranks wait at a barrier while rank 0 runs a single-process stage (a DDPM, an export):
 # long enough for any stage, on a group of its own
 WAIT = datetime.timedelta(hours=48)
-# every other collective (a gradient all-reduce, the wait for rank 0's evaluation of an epoch): a
-# node that dies or hangs without exiting stops the others within this, not two days later
-# (torchrun itself stops every rank at once when one exits with an error)
-STEP = datetime.timedelta(seconds=float(os.environ.get("D3N_COLLECTIVE_TIMEOUT", 3600)))
+# every other collective (a gradient all-reduce, the repository build's exchanges): a node that
+# dies or hangs without exiting stops the others within this, not two days later (torchrun itself
+# stops every rank at once when one exits with an error); D3N_COLLECTIVE_TIMEOUT=SECONDS changes it
+STEP_S = 3600.0
 _waiting = None  # the process group of the long waits
+
+
+def collective_timeout() -> datetime.timedelta:
+    raw = os.environ.get("D3N_COLLECTIVE_TIMEOUT")
+    if raw is None:
+        return datetime.timedelta(seconds=STEP_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        from d3n.errors import ConfigError
+
+        raise ConfigError(f"D3N_COLLECTIVE_TIMEOUT={raw!r}: expected a number of seconds above 0")
+    return datetime.timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -86,7 +101,7 @@ def init_from_env() -> World:
     import torch.distributed as dist
 
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    dist.init_process_group(backend=backend, timeout=STEP)
+    dist.init_process_group(backend=backend, timeout=collective_timeout())
     global _waiting
     _waiting = dist.new_group(backend="gloo", timeout=WAIT)
     w = world()
@@ -106,7 +121,7 @@ def shutdown() -> None:
 
 
 def barrier(long: bool = False) -> None:
-    """All ranks meet; `long`: the others wait for rank 0's single-process work (WAIT, not STEP)."""
+    """All ranks meet; `long`: the others wait for rank 0's own work (WAIT, not the collective timeout)."""
     dist = _dist()
     if dist is not None:
         dist.barrier(group=_waiting if long else None)

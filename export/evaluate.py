@@ -26,12 +26,10 @@ def evaluate_onnx(model_path: Path, data: str | Path, imgsz: tuple[int, int], sp
     """`d3n.metrics` summary (plus `split`) of a raw-head ONNX model on DATA's `split`: on ORT CPU,
     or with `device` through the runtime's backend for it (the model's sidecar is then required),
     opened with `options` (e.g. OpenVINO's inference_precision)."""
-    from d3n.export.calib import read_image
     from d3n.export.parity import ort_run, ort_session
-    from d3n.runtime.postprocess import class_thresholds, postprocess
-    from d3n.runtime.preprocess import prepare
 
     layout = DatasetLayout.open(data)
+    backend = None
     if device is None:
         session = ort_session(model_path)
 
@@ -40,7 +38,20 @@ def evaluate_onnx(model_path: Path, data: str | Path, imgsz: tuple[int, int], sp
     else:
         from d3n.runtime.backends import open_backend
 
-        infer = open_backend(model_path, device, **options).infer
+        backend = open_backend(model_path, device, **options)
+        infer = backend.infer
+    try:
+        return _score(model_path, layout, imgsz, split, infer)
+    finally:
+        if backend is not None:
+            backend.close()
+
+
+def _score(model_path: Path, layout: DatasetLayout, imgsz: tuple[int, int], split: str, infer) -> dict:
+    from d3n.export.calib import read_image
+    from d3n.runtime.postprocess import class_thresholds, postprocess
+    from d3n.runtime.preprocess import prepare
+
     thresholds = class_thresholds(layout.nc, CONF)
     stats = DetectionStats()
     for path in layout.images(split):

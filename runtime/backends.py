@@ -167,7 +167,9 @@ def open_backend(model_path: str | Path, device: str = "auto", **options) -> Bac
         raise ConfigError(f"--device: '{device}' is not one of {', '.join(DEVICES)}")
     model_path = resolve_model(model_path)
     sc = sidecar_mod.load(model_path)  # missing model / sidecar / hash mismatch -> ArtifactError
+    precision = options.pop("inference_precision", None)
     if model_path.suffix.lower() in ENGINE_SUFFIXES:
+        _no_precision(precision, model_path, "TensorRT (the engine's own)")
         if device in ("cpu", "cuda", "openvino"):
             raise ConfigError(f"{model_path}: a TensorRT engine runs only with --device tensorrt "
                               f"or auto, not '{device}' (use the ONNX model for {device})")
@@ -178,12 +180,10 @@ def open_backend(model_path: str | Path, device: str = "auto", **options) -> Bac
         raise ArtifactError(f"{model_path}: unknown model type '{model_path.suffix}' "
                             f"(expected .onnx or {'/'.join(ENGINE_SUFFIXES)})")
     device = onnx_device(device)
-    precision = options.pop("inference_precision", None)
     if device == "openvino" and precision is not None:
         options["inference_precision"] = precision
-    elif precision not in (None, "f32"):  # never dropped silently: the numbers would not be the asked ones
-        raise ConfigError(f"--openvino-precision {precision}: only the OpenVINO backend takes an inference "
-                          f"precision; {model_path.name} runs on ONNX Runtime ({device}) in the model's own")
+    else:
+        _no_precision(precision, model_path, f"ONNX Runtime ({device}), in the model's own")
     if device == "openvino":
         from d3n.runtime.openvino_backend import OpenVINOBackend
 
@@ -191,6 +191,14 @@ def open_backend(model_path: str | Path, device: str = "auto", **options) -> Bac
     from d3n.runtime.ort_backend import OrtBackend
 
     return OrtBackend(model_path, sc, device=device, **options)
+
+
+def _no_precision(precision: str | None, model_path: Path, runs_on: str) -> None:
+    """An inference precision other than f32 on a backend that does not take one is an error:
+    dropped silently, the numbers would not be the ones asked for."""
+    if precision not in (None, "f32"):
+        raise ConfigError(f"--openvino-precision {precision}: only the OpenVINO backend takes an inference "
+                          f"precision; {model_path.name} runs on {runs_on}")
 
 
 def onnx_device(device: str) -> str:

@@ -84,13 +84,19 @@ class OpenVINOBackend(Backend):
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise ArtifactError(f"{model_path}: OpenVINO cannot load the model ({exc})") from None
         self.name = "openvino-cpu"
+        # what OpenVINO compiled, not what was asked: a CPU without bf16/f16 support runs f32
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        if self.precision != inference_precision:
+            raise ConfigError(f"--openvino-precision {inference_precision}: OpenVINO compiled "
+                              f"{model_path.name} at {self.precision} on this CPU (no {inference_precision} "
+                              f"support); leave the option out or choose {self.precision}")
         self._check_io(model_path, sidecar)
         self.request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # one InferRequest must not run twice at once
         log.info("%s: loaded %s (OpenVINO %s), input %s %s, %s batch, %s threads, precision %s",
                  self.name, model_path.name, ov.__version__.split("-")[0], self.input_shape,
                  self.input_dtype, "dynamic" if self.max_batch is None else "fixed",
-                 config.get("INFERENCE_NUM_THREADS", "default"), inference_precision)
+                 config.get("INFERENCE_NUM_THREADS", "default"), self.precision)
 
     def _check_io(self, model_path: Path, sidecar) -> None:
         inputs, outputs = self.compiled.inputs, self.compiled.outputs

@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, help="format of NEW (default: autodetect)")
     p.add_argument("--skip-bad", action="store_true", help="leave bad images out instead of failing")
     p.add_argument("--finish", action="store_true", help="complete an addition that was interrupted while "
-                                                         "moving images in (nothing new is added)")
+                                                         "moving images in; without NEW nothing else is added "
+                                                         "(an addition with NEW completes it first anyway)")
     p.set_defaults(func=_add)
 
     p = cmds.add_parser("check", help="per-class counts and every bad file of a dataset")

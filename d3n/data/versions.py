@@ -17,6 +17,7 @@ versions is an error naming it, so no stage trains on a half-added split.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -26,8 +27,14 @@ from d3n.artifacts import MANIFEST, read_json, write_json
 from d3n.data.layout import DatasetLayout, label_path_for
 from d3n.errors import DataError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: additions are not guarded against running twice at once
+    fcntl = None
+
 VERSIONS = "versions.json"
 PENDING = ".add-pending.json"
+LOCK = ".add.lock"
 ADDABLE = ("train", "val")
 
 
@@ -64,13 +71,31 @@ def add(new: str | Path, to: str | Path, split: str = "train", fmt: str | None =
     of the dataset `to` (whatever split NEW itself puts them in); returns the new version's entry.
     Nothing is changed if any check fails: the images are imported and checked in a scratch folder
     first, then moved in (renames within one filesystem) under a journal (module docstring)."""
-    from d3n.data.importer import import_dataset
-
     if split not in ADDABLE:
         raise DataError(f"--split {split}: images are added to train or val; the test split stays fixed so "
                         "numbers reported on it stay comparable")
-    finish(to)
     target = DatasetLayout.open(to)
+    with _locked(target.root):
+        return _add(new, target, split, fmt, skip_bad, progress)
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    """One addition at a time per dataset (another process waiting here, not racing on the files)."""
+    with open(root / LOCK, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _add(new, target: DatasetLayout, split: str, fmt: str | None, skip_bad: bool, progress: bool) -> dict:
+    from d3n.data.importer import import_dataset
+
+    _finish(target.root)
     for stale in target.root.glob(".add-*"):  # scratch of an addition killed before its journal: never moved in
         if stale.is_dir():
             shutil.rmtree(stale)
@@ -97,14 +122,20 @@ def add(new: str | Path, to: str | Path, split: str = "train", fmt: str | None =
         raise
     rel = [[str(a.relative_to(target.root)), str(b.relative_to(target.root))] for a, b in moves]
     write_json(target.root / PENDING, {"versions": [*history, made], "moves": rel, "scratch": Path(tmp).name})
-    finish(target.root)
+    _finish(target.root)
     return made
 
 
-def finish(root: str | Path) -> dict | None:
+def finish(to: str | Path) -> dict | None:
     """Replay an interrupted addition's journal to its end (a move already made is skipped); returns
-    the version it completed, or None when nothing was pending."""
-    root = Path(root)
+    the version it completed, or None when nothing was pending. `to`: the dataset folder or its
+    data.yaml."""
+    root = DatasetLayout.open(to).root
+    with _locked(root):
+        return _finish(root)
+
+
+def _finish(root: Path) -> dict | None:
     journal = root / PENDING
     if not journal.exists():
         return None

@@ -52,7 +52,12 @@ def run_cell(exp: ExperimentConfig, variant: str, seed: int, share: StageShare) 
     # the variant's (or experiment's) stages that this cell's config turns on (a plain variant has no
     # augment stage)
     stages = variant_stages(exp, variant)
-    pipe.run([s for s in stages if pipe.active(get(s))] if stages else None)
+    if stages is not None:
+        stages = [s for s in stages if pipe.active(get(s))]
+        if not stages:
+            raise ConfigError(f"cell {name}: none of the stages {variant_stages(exp, variant)} is turned on by "
+                              "its config: nothing to run")
+    pipe.run(stages)
     took = round(time.time() - t0, 1)
     ran = {s: pipe.timings.get(s) for s, st in pipe.status.items() if st in ("ran", "resumed")}
     seconds = {**previous.get("stage_seconds", {}), **ran}  # a cell resumed across sessions adds up

@@ -42,7 +42,6 @@ class ExperimentConfig(StrictModel):
     compare: list[tuple[str, str]] = Field(default_factory=list)
 
 
-ROW_MODELS = ("baseline", "teacher", "student")
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -67,15 +66,32 @@ def load_experiment(path: Path) -> ExperimentConfig:
     from d3n.stages import NAMES
 
     for v in cfg.variants:
+        own = cfg.variants[v].get("stages", ...)
+        if own is not ... and (not isinstance(own, list) or not own or not all(isinstance(x, str) for x in own)):
+            raise ConfigError(f"{path}: variant {v}: stages must be a non-empty list of stage names, got {own!r}")
         unknown = [s for s in (variant_stages(cfg, v) or []) if s not in NAMES]
         if unknown:
             raise ConfigError(f"{path}: variant {v}: unknown stages {unknown}; the stages are {list(NAMES)}")
-    rows = {"baseline"} | {f"{v} {m}" for v in cfg.variants for m in ROW_MODELS}
+    if cfg.stages is not None and not cfg.stages:
+        raise ConfigError(f"{path}: stages must name at least one stage (leave it out to run them all)")
+    rows = possible_rows(cfg)
     unknown = [r for pair in cfg.compare for r in pair if r not in rows]
     if unknown:
-        raise ConfigError(f"{path}: compare names rows {unknown} that no variant can make; rows are "
-                          f"'baseline' and '<variant> baseline|teacher|student'")
+        raise ConfigError(f"{path}: compare names rows {unknown} that no variant makes; the rows can be "
+                          f"{sorted(rows)}")
     return cfg
+
+
+def possible_rows(exp: ExperimentConfig) -> set[str]:
+    """The report rows the variants can make: "baseline" (the first variant's), "<variant> baseline"
+    for a later variant whose baseline differs, and "<variant> teacher|student" where it trains them."""
+    rows = {"baseline"}
+    for i, v in enumerate(exp.variants):
+        stages = variant_stages(exp, v)
+        for model, stage in (("baseline", "baseline"), ("teacher", "teacher"), ("student", "distill")):
+            if (stages is None or stage in stages) and not (model == "baseline" and i == 0):
+                rows.add(f"{v} {model}")
+    return rows
 
 
 def variant_stages(exp: ExperimentConfig, variant: str) -> list[str] | None:

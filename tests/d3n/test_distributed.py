@@ -149,24 +149,35 @@ def test_nproc_inside_torchrun_is_refused(micro_config, tmp_path, monkeypatch, c
 
 
 def test_a_hung_rank_times_out_except_while_rank_zero_works_alone(tmp_path):
-    """With a 3 s collective timeout: a rank 8 s late passes the long barrier (the others waiting
-    for rank 0's single-process stage), and makes the plain one (a training step's) fail on rank 0."""
+    """With a 5 s collective timeout: a rank 12 s late passes the long barrier (the others waiting
+    for rank 0's single-process stage), and makes the plain one (a gradient all-reduce's) fail on
+    rank 0. A first long barrier lines the ranks up after their imports."""
     script = tmp_path / "late.py"
     script.write_text(
         "import sys, time\n"
         "from d3n import distributed\n"
         "w = distributed.init_from_env()\n"
-        "if w.rank == 1: time.sleep(8)\n"
+        "distributed.barrier(long=True)\n"
+        "if w.rank == 1: time.sleep(12)\n"
         "distributed.barrier(long=True)\n"
         "print(f'long ok {w.rank}', flush=True)\n"
-        "if w.rank == 1: time.sleep(8)\n"
+        "if w.rank == 1: time.sleep(12)\n"
         "try:\n"
         "    distributed.barrier()\n"
         "except Exception as exc:\n"
         "    print(f'timed out {w.rank}: {type(exc).__name__}', flush=True)\n"
         "    sys.exit(3)\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script)]
-    env = {**os.environ, "D3N_COLLECTIVE_TIMEOUT": "3", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "D3N_COLLECTIVE_TIMEOUT": "5", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert "long ok 0" in done.stdout and "long ok 1" in done.stdout, done.stdout + done.stderr
     assert "timed out 0" in done.stdout and done.returncode != 0
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-5"])
+def test_a_bad_collective_timeout_is_named(raw, monkeypatch):
+    from d3n.errors import ConfigError
+
+    monkeypatch.setenv("D3N_COLLECTIVE_TIMEOUT", raw)
+    with pytest.raises(ConfigError, match="D3N_COLLECTIVE_TIMEOUT"):
+        distributed.collective_timeout()

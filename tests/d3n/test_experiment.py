@@ -135,18 +135,26 @@ def test_a_variant_runs_only_its_stages_and_the_file_adds_comparisons(tmp_path):
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))
     loaded = load_experiment(tmp_path / "exp.yaml")
     assert "stages" not in cell_config(loaded, "long", 0) and cell_config(loaded, "long", 0)["train"]["epochs"] == 2
+    assert main(["experiment", str(tmp_path / "exp.yaml"), "--cells", "plain-s0"]) == 0
+    md = (tmp_path / "study" / "experiment.md").read_text()
+    assert "Not yet reported (a row has no finished cell): baseline − long baseline" in md
     assert main(["experiment", str(tmp_path / "exp.yaml")]) == 0
     cells = tmp_path / "study" / "cells"
     assert sorted(p.name for p in (cells / "long-s0").iterdir() if p.is_dir()) == ["baseline", "data"]
     report = json.loads((tmp_path / "study" / "experiment.json").read_text())
     assert set(report["rows"]) == {"baseline", "long baseline"}
     pairs = {(p["a"], p["b"]) for p in report["paired"]}
-    assert pairs == {("long baseline", "baseline"), ("baseline", "long baseline")}
+    assert pairs == {("long baseline", "baseline")}  # the file's reversed pair is the same comparison
 
 
 @pytest.mark.parametrize("change, named", [
     ({"compare": [["d3n teacher", "long baseline"]]}, "long baseline"),
+    ({"compare": [["d3n baseline", "baseline"]]}, "d3n baseline"),  # the first variant's is "baseline"
+    ({"variants": {"d3n": {}, "short": {"stages": ["data", "baseline"]}},
+      "compare": [["short teacher", "baseline"]]}, "short teacher"),  # its stages train no teacher
     ({"variants": {"d3n": {"stages": ["data", "baseline", "teachr"]}}}, "teachr"),
+    ({"variants": {"d3n": {"stages": []}}}, "non-empty list"),
+    ({"variants": {"d3n": {"stages": None}}}, "non-empty list"),
 ])
 def test_experiment_file_names_what_it_cannot_run(tmp_path, change, named):
     from d3n.errors import ConfigError

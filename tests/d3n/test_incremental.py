@@ -160,7 +160,7 @@ def test_an_addition_killed_while_moving_is_completed_and_blocks_until_then(synt
     data = tmp_path / "data"
     shutil.copytree(synth_small, data)
     fresh = _new_images(tmp_path / "b", 3)
-    real_finish, real_move = versions.finish, shutil.move
+    real_finish, real_move = versions._finish, shutil.move
     moved = []
 
     def move_twice_then_die(src, dst):
@@ -177,15 +177,15 @@ def test_an_addition_killed_while_moving_is_completed_and_blocks_until_then(synt
         finally:
             monkeypatch.setattr(versions.shutil, "move", real_move)
 
-    monkeypatch.setattr(versions, "finish", finish)
+    monkeypatch.setattr(versions, "_finish", finish)
     with pytest.raises(KeyboardInterrupt):
         versions.add(fresh, data, progress=False)
-    monkeypatch.setattr(versions, "finish", real_finish)
+    monkeypatch.setattr(versions, "_finish", real_finish)
     assert len(moved) == 2
     assert (data / versions.PENDING).exists()
     with pytest.raises(DataError, match=r"interrupted .* `d3n data add --finish"):
         versions.current(data)
-    assert main(["data", "add", "--finish", "--to", str(data)]) == 0
+    assert main(["data", "add", "--finish", "--to", str(data / "data.yaml")]) == 0  # the folder or its data.yaml
     assert "completed the interrupted addition: data version 2" in capsys.readouterr().out
     assert versions.current(data) == 2 and not (data / versions.PENDING).exists()
     assert not list(data.glob(".add-*"))

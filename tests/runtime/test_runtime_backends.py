@@ -119,6 +119,9 @@ def test_engine_refused_on_cpu_device(model_copy):
     save(sc, engine)
     with pytest.raises(ConfigError, match="runs only with --device tensorrt"):
         open_backend(engine, device="cpu")
+    # an engine computes in the precision it was built at: an OpenVINO precision is refused, not dropped
+    with pytest.raises(ConfigError, match=r"--openvino-precision bf16: .* runs on TensorRT"):
+        open_backend(engine, device="tensorrt", inference_precision="bf16")
 
 
 def _has_tensorrt_gpu() -> bool:

@@ -1,8 +1,9 @@
 """Where a new defect goes: a target image of the train split and a mask on it.
 
 Masks come from the user (`DIR/<target stem>.png`, one per target image, the image's size; each
-8-connected region of a mask is one place a defect can go, with its own box, and the outermost
-pixel ring is left out, as everywhere here: Poisson cloning needs a border), from the real boxes of the target (an ellipse inside one of them: a new defect where one was), or
+8-connected region of a mask is one place a defect can go, with its own box, every region of every
+mask equally likely; the outermost pixel ring is left out, as everywhere here: Poisson cloning needs
+a border; regions under MIN_SIDE pixels across are specks, not places), from the real boxes of the target (an ellipse inside one of them: a new defect where one was), or
 at random (an ellipse the size of a real box of the class, on a defect-free image when the split
 has some, away from the boxes already there). The new box is the mask's bounding box.
 """
@@ -43,13 +44,18 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+MIN_SIDE = 4  # px: a region whose box is narrower is a speck (a stray brush pixel), not a place
+
+
 def regions(mask: np.ndarray) -> list[np.ndarray]:
-    """Each 8-connected region of a mask (bool), a pixel away from the image border."""
+    """Each 8-connected region of a mask (bool), a pixel away from the image border, whose box is
+    at least MIN_SIDE pixels on both sides (as the random placement's smallest box)."""
     m = (mask > 0).astype(np.uint8)
     m[[0, -1]] = 0
     m[:, [0, -1]] = 0
-    n, labels = cv2.connectedComponents(m, connectivity=8)
-    return [labels == i for i in range(1, n)]
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    return [labels == i for i in range(1, n)
+            if min(stats[i, cv2.CC_STAT_WIDTH], stats[i, cv2.CC_STAT_HEIGHT]) >= MIN_SIDE]
 
 
 def pixel_boxes(layout: DatasetLayout, image: Path, w: int, h: int) -> list[tuple[int, tuple[int, int, int, int]]]:
@@ -92,8 +98,8 @@ class Placer:
                     raise DataError(f"{m}: empty mask (nothing to draw into)")
                 found = regions(mask)
                 if not found:
-                    raise DataError(f"{m}: the mask lies on the image's outermost pixels only (nothing to draw into "
-                                    f"a pixel away from the border)")
+                    raise DataError(f"{m}: no region of the mask is {MIN_SIDE} x {MIN_SIDE} pixels or more a pixel "
+                                    "away from the image border (nothing to draw into)")
                 self.user_targets += [(img, m, i) for i in range(len(found))]
 
     def place(self, cls: int, rng: np.random.Generator, h_w: dict[Path, tuple[int, int]]) -> Target:

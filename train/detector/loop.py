@@ -254,9 +254,9 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
         row.update({k: float(np.mean([x[k] for x in losses])) for k in losses[0]})
         if on_epoch is not None:
             row.update(on_epoch(model, epoch) or {})
-        if not world.main:  # rank 0 evaluates and writes; the others wait for it
+        if not world.main:  # rank 0 evaluates and writes; the others wait for it (however long that takes)
             history.append(row)
-            distributed.barrier()
+            distributed.barrier(long=True)
             continue
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             metrics = evaluate(lambda b: task.predict(ema.ema, to_device(b, device)), val_loader, names)
@@ -272,7 +272,7 @@ def train(task: Task, cfg: TrainConfig, data: Path, out: Path, names: list[str],
         _save_state(out / STATE, run_identity, epoch, model, ema, opt, sched, best, history)
         log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, {k: round(v, 4) if isinstance(v, float) else v
                                                            for k, v in row.items()})
-        distributed.barrier()
+        distributed.barrier(long=True)
     if world.main:
         task.save(ema.ema, out / "last.pt", best or {})
     return {**(best or {}), "history": history, "optimizer": opt_info}

@@ -70,6 +70,7 @@ def test_each_region_of_a_user_mask_is_a_place_with_its_own_box(two_class, tmp_p
     mask = np.zeros((64, 64), np.uint8)
     mask[8:16, 8:20] = 255
     mask[0:10, 50:64] = 255  # touches the top and right borders
+    mask[40, 40] = 255  # a stray pixel: a speck, not a place
     cv2.imwrite(str(folder / f"{target.stem}.png"), mask)
     r = augment(two_class, tmp_path / "out", "paste", {"bright": 6}, masks=str(folder), seed=0, progress=False)
     assert r["kept"] == 6
@@ -78,7 +79,7 @@ def test_each_region_of_a_user_mask_is_a_place_with_its_own_box(two_class, tmp_p
     edge = np.zeros((64, 64), np.uint8)
     edge[0, :] = 255
     cv2.imwrite(str(folder / f"{target.stem}.png"), edge)
-    with pytest.raises(DataError, match=rf"{target.stem}\.png: the mask lies on the image's outermost pixels"):
+    with pytest.raises(DataError, match=rf"{target.stem}\.png: no region of the mask is 4 x 4 pixels"):
         augment(two_class, tmp_path / "o2", "paste", {"bright": 1}, masks=str(folder), progress=False)
     assert not (tmp_path / "o2").exists()
 
