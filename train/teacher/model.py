@@ -73,6 +73,19 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=convert))
 
 
+def to_grid(d: torch.Tensor, hw) -> torch.Tensor:
+    """DDPM features on the detector level's grid. A larger DDPM map (a DDPM input finer than the
+    detector's stride) is averaged over the DDPM cells each detector cell covers, so its detail
+    reaches the cell instead of aliasing away as bilinear sampling of every k-th cell would; a
+    smaller one is interpolated bilinearly."""
+    hw = tuple(hw)
+    if tuple(d.shape[-2:]) == hw:
+        return d
+    if d.shape[-2] >= hw[0] and d.shape[-1] >= hw[1]:
+        return F.adaptive_avg_pool2d(d, hw)
+    return F.interpolate(d, size=hw, mode="bilinear", align_corners=False)
+
+
 class FusionTeacher(nn.Module):
     def __init__(self, config: TeacherConfig):
         super().__init__()
@@ -92,16 +105,13 @@ class FusionTeacher(nn.Module):
         return self.detector.stride
 
     def fuse_levels(self, feats: list[torch.Tensor], ddpm: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """x_l -> fuse_l(x_l, ddpm_l resized to x_l's h, w) for P3/P4/P5."""
+        """x_l -> fuse_l(x_l, ddpm_l brought to x_l's h, w by to_grid) for P3/P4/P5."""
         missing = [lvl for lvl in LEVELS if lvl not in ddpm]
         if missing:
             raise ValueError(f"DDPM features missing for levels {missing}")
         out = []
         for lvl, x in zip(LEVELS, feats, strict=True):
-            d = ddpm[lvl]
-            if d.shape[-2:] != x.shape[-2:]:
-                d = F.interpolate(d, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            out.append(self.fusions[lvl](x, d.to(x.dtype)))
+            out.append(self.fusions[lvl](x, to_grid(ddpm[lvl], x.shape[-2:]).to(x.dtype)))
         return out
 
     def forward(self, images: torch.Tensor, ddpm: dict[str, torch.Tensor]) -> Any:

@@ -76,3 +76,22 @@ def test_augmentation_is_seeded(synth_small):
     b = DetectionDataset(synth_small, "train", 128, aug, seed=5)[2]
     assert torch.equal(a["img"], b["img"]) and torch.equal(a["labels"], b["labels"])
     assert np.allclose(a["pieces"][0].M, b["pieces"][0].M)
+
+
+def test_a_finer_feature_map_is_averaged_over_each_cell_not_point_sampled():
+    """A 64-cell map under a 16-cell level (a DDPM input 4x finer than the stride-8 grid at 128 px):
+    columns 1, 0, 0, 0 repeated average to 0.25 in every cell; one sample at each cell centre would
+    read 0 (it falls between two zero columns). At the level's own resolution nothing changes."""
+    from types import SimpleNamespace
+
+    from d3n.train.teacher.align import subsamples
+
+    piece = SimpleNamespace(M=np.eye(3), rect=(0, 0, 128, 128), src_hw=(128, 128))
+    row = torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(16)
+    fine = row.expand(64, 64)[None, None].clone()
+    assert subsamples([piece], (64, 64), 8) == 4
+    got = warp_pieces(fine, [[piece]], (16, 16), 8)
+    torch.testing.assert_close(got, torch.full((1, 1, 16, 16), 0.25))
+    same = torch.rand(1, 2, 16, 16)
+    assert subsamples([piece], (16, 16), 8) == 1  # one feature cell per level cell: sampled as before
+    torch.testing.assert_close(warp_pieces(same, [[piece]], (16, 16), 8), same)

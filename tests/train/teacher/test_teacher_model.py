@@ -169,3 +169,17 @@ def test_bad_checkpoints_raise_artifact_errors(tmp_path):
 def test_config_needs_all_three_levels():
     with pytest.raises(ValidationError, match="p3"):
         TeacherConfig(nc=NC, ddpm_channels={"p3": 8, "p4": 8})
+
+
+def test_larger_ddpm_maps_are_averaged_onto_the_detector_grid():
+    """A 64 px DDPM under a stride-8 level at 128 px: each detector cell gets the mean of the DDPM
+    cells it covers (a fine checkerboard averages to 0.5 everywhere, where sampling would alias it to
+    0s or 1s); smaller maps are interpolated; equal ones pass through."""
+    from d3n.train.teacher.model import to_grid
+
+    blocks = torch.arange(16.0).reshape(1, 1, 4, 4).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert torch.equal(to_grid(blocks, (4, 4)), torch.arange(16.0).reshape(1, 1, 4, 4))
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2
+    assert torch.allclose(to_grid(checker[None, None].float(), (4, 4)), torch.full((1, 1, 4, 4), 0.5))
+    small = torch.rand(1, 2, 3, 3)
+    assert to_grid(small, (6, 6)).shape == (1, 2, 6, 6) and to_grid(small, (3, 3)) is small
