@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 MAX_SUB = 8  # points per cell side at most
+# In the teacher's stage key: 2 averages a cell over the finer map it covers (1 point-sampled it), so
+# teachers (and through them their students) trained before retrain instead of passing as up to date.
+SAMPLING_VERSION = 2
 
 
 def subsamples(pieces, feat_hw: tuple[int, int], stride: float) -> int:

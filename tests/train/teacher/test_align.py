@@ -95,3 +95,21 @@ def test_a_finer_feature_map_is_averaged_over_each_cell_not_point_sampled():
     same = torch.rand(1, 2, 16, 16)
     assert subsamples([piece], (16, 16), 8) == 1  # one feature cell per level cell: sampled as before
     torch.testing.assert_close(warp_pieces(same, [[piece]], (16, 16), 8), same)
+
+
+def test_a_sampling_fix_retrains_teachers_made_before_it(tmp_path, monkeypatch):
+    """The features' sampling version is in the teacher's stage key (and, through its manifest, in
+    its student's): teachers trained with point sampling do not pass as up to date."""
+    from d3n.stage import stage_key
+    from d3n.stages import get
+    from d3n.train.teacher import align, stage
+
+    inputs = {}
+    for name in ("data", "repo"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")  # the upstream stage's manifest, fingerprinted
+        inputs[name] = tmp_path / name
+    cfg = stage.Config()
+    now = stage_key(get("teacher"), cfg, tmp_path, inputs)
+    monkeypatch.setattr(align, "SAMPLING_VERSION", align.SAMPLING_VERSION - 1)
+    assert stage_key(get("teacher"), cfg, tmp_path, inputs) != now
