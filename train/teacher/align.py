@@ -6,9 +6,8 @@ pixels to output pixels and the visible source rectangle. For every cell of a de
 and sample the source's feature map there (bilinear, `grid_sample`). Cells whose source point lies
 outside the visible rectangle get zeros; a mosaic sums its pieces, which never overlap.
 
-When the feature map is finer than the level's grid (a DDPM input larger than imgsz / 8, or a
-piece an augmentation shrank to half size or less, as a mosaic's: a cell covers k >= 2 feature
-cells per side), one sample per cell would keep one feature cell in k^2 and
+When the feature map is finer than the level's grid (a DDPM input larger than imgsz / 8: a cell
+covers k >= 2 feature cells per side), one sample per cell would keep one feature cell in k^2 and
 alias the rest away. The cell is then sampled at k x k points spread over it and averaged: the
 mean of the features it covers, as pooling would give, through any affine map (over the points
 that fall on a visible source, on the edge of an image or a mosaic piece).
@@ -21,19 +20,15 @@ import torch
 import torch.nn.functional as F
 
 MAX_SUB = 8  # points per cell side at most
-# In the teacher's stage key: 2 averages a cell over the finer map it covers (1 point-sampled it), so
-# teachers (and through them their students) trained before retrain instead of passing as up to date.
-SAMPLING_VERSION = 2
 
 
-def subsamples(pieces, feat_hw: tuple[int, int], stride: float) -> int:
-    """Points per cell side: how many feature cells one level cell covers (per side, at the
-    largest scale-down among the pieces), 1 while it is under two."""
-    covered = 1.0
-    for p in pieces:
-        scale = float(np.sqrt(abs(np.linalg.det(p.M[:2, :2]))))  # output px per source px
-        covered = max(covered, stride / scale * feat_hw[1] / p.src_hw[1], stride / scale * feat_hw[0] / p.src_hw[0])
-    return int(min(MAX_SUB, np.floor(covered)))
+def subsamples(feat_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+    """Points per cell side: how many feature cells one level cell covers per side at the
+    dataset's own scale (the feature map against the level's grid: 64 vs 16 is 4), 1 under two.
+    Taken from the sizes, not from each sample's augmentation, so a config whose DDPM map matches
+    the grid samples exactly as it always has, whatever the augmentation."""
+    covered = min(feat_hw[0] / out_hw[0], feat_hw[1] / out_hw[1])
+    return int(min(MAX_SUB, max(1.0, np.floor(covered))))
 
 
 def source_grid(pieces, out_hw: tuple[int, int], stride: float, sub: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +62,7 @@ def warp_pieces(feats: torch.Tensor, pieces_per_sample: list[list], out_hw: tupl
     flat = [p for ps in pieces_per_sample for p in ps]
     if feats.shape[0] != len(flat):
         raise ValueError(f"got {feats.shape[0]} feature maps for {len(flat)} pieces")
-    sub = subsamples(flat, tuple(feats.shape[-2:]), stride)
+    sub = subsamples(tuple(feats.shape[-2:]), out_hw)
     grid, mask = source_grid(flat, out_hw, stride, sub)
     grid_t = torch.from_numpy(grid).to(feats.device, feats.dtype)
     mask_t = torch.from_numpy(mask).to(feats.device, feats.dtype).unsqueeze(1)

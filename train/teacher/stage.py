@@ -56,11 +56,8 @@ def wants(cfg: Config, inputs: dict[str, Path]) -> set[str]:
 
 
 def external(cfg: Config) -> dict:
-    from d3n.train.teacher.align import SAMPLING_VERSION
-
     key = weights_key(cfg.train.model_copy(update={"weights": None}))  # the loader's version
-    key = weights_key(cfg.train) if cfg.init == "weights" and cfg.start is None else key
-    return {**key, "feature_sampling": SAMPLING_VERSION}
+    return weights_key(cfg.train) if cfg.init == "weights" and cfg.start is None else key
 
 
 def update(cfg: Config, inputs: dict[str, Path], out: Path, spec, previous: Path):

@@ -48,8 +48,11 @@ def test_warped_features_match_features_of_the_augmented_image(synth_small, aug)
         item = ds[idx]
         got = warped(ds, item, 16, 8, 64)
         want = image_features(item["img"], 16)
-        # padding (value 114) has no source features: compare where a source image is visible
-        visible = got.abs().sum(0) > 0
+        # padding (value 114) has no source features: compare where a source image is visible, in
+        # cells away from an image's edge (an edge cell's features are its visible part's, the
+        # augmented image's mixes in the padding)
+        seen = (got.abs().sum(0) > 0).float()
+        visible = F.avg_pool2d(seen[None, None], 3, 1, 1)[0, 0] == 1
         assert visible.float().mean() > 0.2
         err = (got - want).abs()[:, visible].mean().item()
         assert err < 0.03, f"item {idx}: features drift from the image (mean abs err {err:.3f})"
@@ -89,27 +92,9 @@ def test_a_finer_feature_map_is_averaged_over_each_cell_not_point_sampled():
     piece = SimpleNamespace(M=np.eye(3), rect=(0, 0, 128, 128), src_hw=(128, 128))
     row = torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(16)
     fine = row.expand(64, 64)[None, None].clone()
-    assert subsamples([piece], (64, 64), 8) == 4
+    assert subsamples((64, 64), (16, 16)) == 4
     got = warp_pieces(fine, [[piece]], (16, 16), 8)
     torch.testing.assert_close(got, torch.full((1, 1, 16, 16), 0.25))
     same = torch.rand(1, 2, 16, 16)
-    assert subsamples([piece], (16, 16), 8) == 1  # one feature cell per level cell: sampled as before
+    assert subsamples((16, 16), (16, 16)) == 1  # one feature cell per level cell: sampled as before
     torch.testing.assert_close(warp_pieces(same, [[piece]], (16, 16), 8), same)
-
-
-def test_a_sampling_fix_retrains_teachers_made_before_it(tmp_path, monkeypatch):
-    """The features' sampling version is in the teacher's stage key (and, through its manifest, in
-    its student's): teachers trained with point sampling do not pass as up to date."""
-    from d3n.stage import stage_key
-    from d3n.stages import get
-    from d3n.train.teacher import align, stage
-
-    inputs = {}
-    for name in ("data", "repo"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "manifest.json").write_text("{}")  # the upstream stage's manifest, fingerprinted
-        inputs[name] = tmp_path / name
-    cfg = stage.Config()
-    now = stage_key(get("teacher"), cfg, tmp_path, inputs)
-    monkeypatch.setattr(align, "SAMPLING_VERSION", align.SAMPLING_VERSION - 1)
-    assert stage_key(get("teacher"), cfg, tmp_path, inputs) != now
