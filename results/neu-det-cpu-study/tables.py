@@ -1,0 +1,26 @@
+"""Print the README's study tables from an experiment.json (rows summary, paired differences)."""
+import json
+import sys
+
+r = json.load(open(sys.argv[1]))
+rows = r["summary"]
+params = {n: next(iter(v["seeds"].values())) for n, v in r["rows"].items()}
+print("| model | seeds | mAP50 | mAP50-95 | recall@0.25 | params | GFLOPs |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for name, m in rows.items():
+    def f(k):
+        v = m.get(k)
+        if not v:
+            return "-"
+        return f"{v['mean'] * 100:.1f} ± {v['std'] * 100:.1f}" if v.get("std") is not None else f"{v['mean'] * 100:.1f}"
+    p = params[name]
+    print(f"| {name} | {m['mAP50']['n']} | {f('mAP50')} | {f('mAP50-95')} | {f('recall@0.25')} | {p.get('params', 0):,} | {p.get('gflops', 0):.2f} |")
+print()
+print("| A − B (paired by seed) | metric | pairs | mean | 95 % interval | verdict |")
+print("|---|---|---:|---:|---|---|")
+for d in r["paired"]:
+    ci = f"[{d['low'] * 100:+.1f}, {d['high'] * 100:+.1f}]" if d.get("low") is not None else "-"
+    print(f"| {d['a']} − {d['b']} | {d['metric']} | {d['n']} | {d['mean'] * 100:+.1f} | {ci} | {d['verdict']} |")
+print()
+for c, rec in r["cells"].items():
+    print(c, rec.get("seconds"), rec.get("stage_seconds"))
