@@ -7,14 +7,18 @@ rows = r["summary"]
 params = {n: next(iter(v["seeds"].values())) for n, v in r["rows"].items()}
 print("| model | seeds | mAP50 | mAP50-95 | recall@0.25 | params | GFLOPs |")
 print("|---|---:|---:|---:|---:|---:|---:|")
+
+
+def f(m, k):
+    v = m.get(k)
+    if not v:
+        return "-"
+    return f"{v['mean'] * 100:.1f} ± {v['std'] * 100:.1f}" if v.get("std") is not None else f"{v['mean'] * 100:.1f}"
+
+
 for name, m in rows.items():
-    def f(k):
-        v = m.get(k)
-        if not v:
-            return "-"
-        return f"{v['mean'] * 100:.1f} ± {v['std'] * 100:.1f}" if v.get("std") is not None else f"{v['mean'] * 100:.1f}"
     p = params[name]
-    print(f"| {name} | {m['mAP50']['n']} | {f('mAP50')} | {f('mAP50-95')} | {f('recall@0.25')} | {p.get('params', 0):,} | {p.get('gflops', 0):.2f} |")
+    print(f"| {name} | {m['mAP50']['n']} | {f(m, 'mAP50')} | {f(m, 'mAP50-95')} | {f(m, 'recall@0.25')} | {p.get('params', 0):,} | {p.get('gflops', 0):.2f} |")
 print()
 print("| A − B (paired by seed) | metric | pairs | mean | 95 % interval | verdict |")
 print("|---|---|---:|---:|---|---|")
