@@ -94,18 +94,22 @@ def make_video(frames: list[np.ndarray], path: Path, n: int, fps: float = 25.0) 
     return path
 
 
-def backend_latency(model: Path, device: str, opts: BenchOptions, **options) -> dict:
+def backend_latency(model: Path, device: str, opts: BenchOptions) -> dict:
     from d3n.runtime.backends import open_backend
 
-    be = open_backend(model, device=device, **options)
+    be = open_backend(model, device=device)
     try:
-        blob = np.random.default_rng(0).random(be.input_shape, dtype=np.float32)
-        res = latency(lambda: be.infer(blob), opts.iters, opts.warmup)
-        # the precision the backend compiled (OpenVINO reports it), when one was asked for
-        name = be.name + (f" ({getattr(be, 'precision', '?')})" if "inference_precision" in options else "")
-        return {"backend": name, "model": model.name, **res}
+        return _timed(be, model, opts, {})
     finally:
         be.close()
+
+
+def _timed(be, model: Path, opts: BenchOptions, options: dict) -> dict:
+    blob = np.random.default_rng(0).random(be.input_shape, dtype=np.float32)
+    res = latency(lambda: be.infer(blob), opts.iters, opts.warmup)
+    # the precision the backend compiled (OpenVINO reports it), when one was asked for
+    name = be.name + (f" ({getattr(be, 'precision', '?')})" if "inference_precision" in options else "")
+    return {"backend": name, "model": model.name, **res}
 
 
 def torch_latency(ckpt_path: Path, opts: BenchOptions) -> dict:
@@ -134,11 +138,16 @@ def pipeline_fps(model: Path, video: Path, opts: BenchOptions, device: str = "cp
             "latency_ms": s["latency_ms"]}
 
 
+def _ultralytics_imgsz(opts: BenchOptions):
+    """imgsz as ultralytics takes it: one int for a square, [h, w] otherwise."""
+    return opts.imgsz[0] if opts.imgsz[0] == opts.imgsz[1] else list(opts.imgsz)
+
+
 def ultralytics_fps(model: Path, video: Path, opts: BenchOptions) -> dict:
     from d3n.offline import ultralytics
 
     yolo = ultralytics().YOLO(str(model), task="detect")
-    size = opts.imgsz[0] if opts.imgsz[0] == opts.imgsz[1] else list(opts.imgsz)
+    size = _ultralytics_imgsz(opts)
     n, t0 = 0, None
     for _ in yolo.predict(source=str(video), imgsz=size, device="cpu", stream=True, verbose=False):
         n += 1
@@ -168,13 +177,20 @@ def _accuracy(row: dict, metrics: dict) -> dict:
 
 
 def _scored_rows(m: dict, device: str, opts: BenchOptions, models=("fp32", "int8"), **options) -> list[dict]:
-    """Latency and mAP of the FP32 and Q/DQ INT8 files on one backend, each scored on the same
-    split through the same pre/postprocessing."""
+    """Latency and mAP of the FP32 and Q/DQ INT8 files on one backend, each loaded once, timed and
+    scored on the same split through the same pre/postprocessing."""
     from d3n.export.evaluate import evaluate_onnx
+    from d3n.runtime.backends import open_backend
 
-    return [_accuracy(backend_latency(m[k], device, opts, **options),
-                      evaluate_onnx(m[k], m["data"], opts.imgsz, opts.split, device=device, **options))
-            for k in models]
+    rows = []
+    for k in models:
+        be = open_backend(m[k], device=device, **options)
+        try:
+            rows.append(_accuracy(_timed(be, m[k], opts, options),
+                                  evaluate_onnx(m[k], m["data"], opts.imgsz, opts.split, backend=be)))
+        finally:
+            be.close()
+    return rows
 
 
 def _openvino_rows(m: dict, opts: BenchOptions) -> list[dict]:
@@ -209,7 +225,7 @@ def ultralytics_openvino(m: dict, video: Path, opts: BenchOptions, out: Path) ->
     work = out / "ultralytics-openvino"
     work.mkdir(parents=True, exist_ok=True)
     ckpt = shutil.copy2(opts.model, work / opts.model.name)  # ultralytics writes beside the checkpoint
-    size = opts.imgsz[0] if opts.imgsz[0] == opts.imgsz[1] else list(opts.imgsz)
+    size = _ultralytics_imgsz(opts)
     data = str(DatasetLayout.open(m["data"]).yaml_path)
     ul = ultralytics()
     # ultralytics leaves the float precision to OpenVINO's CPU default (bf16 on CPUs with AMX): say which

@@ -2,8 +2,8 @@
 
 Both the FP32 and the INT8 model go through the same path (ORT CPU, the runtime's letterbox, decode
 and NMS at ultralytics' val settings, `d3n.metrics` matching and AP), so the two numbers compare,
-and they compare with training's: the same `d3n.metrics` keys, as fractions. With `device`, the
-model runs on that runtime backend instead (e.g. OpenVINO, for `d3n bench`), the rest unchanged.
+and they compare with training's: the same `d3n.metrics` keys, as fractions. Given a runtime
+backend, the model runs on it instead (e.g. OpenVINO, for `d3n bench`), the rest unchanged.
 """
 
 from __future__ import annotations
@@ -22,29 +22,17 @@ CONF, IOU, MAX_DET = 0.001, 0.7, 300  # ultralytics' val settings, as training s
 
 
 def evaluate_onnx(model_path: Path, data: str | Path, imgsz: tuple[int, int], split: str = "val",
-                  device: str | None = None, **options) -> dict:
+                  backend=None) -> dict:
     """`d3n.metrics` summary (plus `split`) of a raw-head ONNX model on DATA's `split`: on ORT CPU,
-    or with `device` through the runtime's backend for it (the model's sidecar is then required),
-    opened with `options` (e.g. OpenVINO's inference_precision)."""
+    or through `backend`, a runtime backend already holding the model (e.g. OpenVINO, for `d3n
+    bench`, which times the same loaded model)."""
     from d3n.export.parity import ort_run, ort_session
 
     layout = DatasetLayout.open(data)
-    backend = None
-    if device is None:
-        session = ort_session(model_path)
-
-        def infer(blob):
-            return ort_run(session, [blob])[0]
-    else:
-        from d3n.runtime.backends import open_backend
-
-        backend = open_backend(model_path, device, **options)
-        infer = backend.infer
-    try:
-        return _score(model_path, layout, imgsz, split, infer)
-    finally:
-        if backend is not None:
-            backend.close()
+    if backend is not None:
+        return _score(model_path, layout, imgsz, split, backend.infer)
+    session = ort_session(model_path)
+    return _score(model_path, layout, imgsz, split, lambda blob: ort_run(session, [blob])[0])
 
 
 def _score(model_path: Path, layout: DatasetLayout, imgsz: tuple[int, int], split: str, infer) -> dict:
