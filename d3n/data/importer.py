@@ -19,7 +19,7 @@ from pathlib import Path
 
 from d3n.data.source import Record, Source, detect_format
 from d3n.data.splits import EVAL_HINT, REQUIRED, SPLIT_NAMES, check_fracs, from_files, random_split
-from d3n.data.validate import FileProblem, Problem, check_box_px, check_image, fail_with
+from d3n.data.validate import FileProblem, Problem, check_box_px, check_image, fail_with, turn_hint
 from d3n.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ def _check_record(rec: Record, index: dict[str, int], out: Checked) -> None:
             problems.append(exc.problem)
         else:
             if rec.size and rec.size != (w, h):
-                problems.append(Problem(rec.ann, f"declares size {rec.size[0]}x{rec.size[1]} but "
-                                                 f"{rec.image.name} is {w}x{h}"))
+                problems.append(Problem(rec.ann, f"declares size {rec.size[0]}x{rec.size[1]} but {rec.image.name} "
+                                                 f"is {w}x{h}{turn_hint(rec.image, rec.size, (w, h))}"))
             for k, (name, *box) in enumerate(rec.boxes, 1):
                 label = f"{rec.image.name} box {k} ({name})"
                 if name not in index:

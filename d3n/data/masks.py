@@ -59,11 +59,10 @@ def mask_boxes(mask: np.ndarray, values: dict[int, str] | None,
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
-        im.load()
-        arr = np.asarray(im)
+        arr = np.asarray(ImageOps.exif_transpose(im))  # turned as OpenCV reads the image it belongs to
     if arr.ndim == 2:
         return arr
     # RGB(A) / LA: any colour channel marks the defect; alpha says nothing about it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from d3n.data.layout import DatasetLayout
 
@@ -26,6 +26,7 @@ def save_preview(data: str | Path, out: str | Path, n: int = 16, tile: int = 256
     for k, path in enumerate(images):
         ox, oy = (k % cols) * tile, (k // cols) * tile
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # labels are on the turned image, as the stages read it
             mosaic.paste(im.convert("RGB").resize((tile, tile), Image.BILINEAR), (ox, oy))
         for cls, cx, cy, w, h in layout.labels(path):
             color = PALETTE[int(cls) % len(PALETTE)]

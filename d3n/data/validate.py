@@ -19,6 +19,30 @@ from d3n.errors import DataError
 # overshoot is clipped and counted. Anything further out is an error, never clipped silently.
 BOX_TOLERANCE_PX = 1.0
 
+# EXIF orientations that turn an image by 90 degrees (5-8 of TIFF/EXIF tag 0x0112). OpenCV, which
+# every stage reads images with, applies the orientation of JPEG, PNG and WebP files, as photo
+# viewers do; Pillow does not. Sizes are therefore always taken as the turned image's.
+_ORIENTATION_TAG = 0x0112
+TURNED = (5, 6, 7, 8)
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation of an open image (1, upright, when it has none)."""
+    value = im.getexif().get(_ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def shown_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an open image as OpenCV decodes it, its EXIF orientation applied."""
+    w, h = im.size
+    return (h, w) if exif_orientation(im) in TURNED else (w, h)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as every stage sees the image, from its header (no decoding)."""
+    with Image.open(path) as im:
+        return shown_size(im)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -58,8 +82,20 @@ def fail_with(problems: list[Problem], what: str) -> None:
     raise DataError(f"{what}: {len(problems)} problem(s)\n{lines}")
 
 
+def turn_hint(path: Path, declared: tuple[int, int], size: tuple[int, int]) -> str:
+    """Why `declared` differs from the image's `size` when it is the size of the stored pixels of a
+    turned image (annotated before the turn); empty otherwise."""
+    with Image.open(path) as im:
+        turn = exif_orientation(im)
+    if turn not in TURNED or tuple(declared) != size[::-1]:
+        return ""
+    return (f" once its EXIF orientation ({turn}) is applied, as d3n reads every image (OpenCV, like a photo"
+            " viewer, turns it): annotate the turned image, or store the pixels upright without the tag")
+
+
 def check_image(path: Path) -> tuple[int, int]:
-    """(width, height) of an image after decoding it fully: a truncated file is caught here."""
+    """(width, height) of an image after decoding it fully (a truncated file is caught here), as
+    every stage sees it: its EXIF orientation applied."""
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise FileProblem(path, f"unsupported image type '{path.suffix}' (use one of {', '.join(IMAGE_SUFFIXES)})")
     try:
@@ -67,7 +103,7 @@ def check_image(path: Path) -> tuple[int, int]:
             im.verify()  # structure and checksums (PNG CRCs)
         with Image.open(path) as im:
             im.load()  # full decode: verify() alone does not read JPEG scan data
-            w, h = im.size
+            w, h = shown_size(im)
     except FileNotFoundError:
         raise FileProblem(path, "image file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -402,6 +402,38 @@ def test_declared_size_differs_from_image(tmp_path):
     assert "declares size 50x50 but im1.jpg is 40x30" in _fails(src, tmp_path, src / "ANNOTATIONS" / "im1.xml")
 
 
+def _turned(path: Path, orientation: int, w: int = 40, h: int = 30) -> Path:
+    """An image stored w x h whose EXIF orientation tag says how to turn it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_image_size_is_what_opencv_reads(tmp_path, suffix, orientation):
+    # every stage decodes with OpenCV, which applies the EXIF orientation: sizes checked at import,
+    # masks and augmentation must be those of the turned image, or boxes land on the wrong pixels
+    import cv2
+
+    from d3n.data.validate import check_image, image_size
+
+    path = _turned(tmp_path / f"im{suffix}", orientation)
+    h, w = cv2.imread(str(path), cv2.IMREAD_COLOR).shape[:2]
+    assert check_image(path) == image_size(path) == (w, h)
+    assert (w, h) == ((30, 40) if orientation >= 5 else (40, 30))
+
+
+def test_voc_size_of_the_stored_pixels_of_a_turned_image_says_so(tmp_path):
+    src = voc(tmp_path / "src")
+    _turned(src / "IMAGES" / "im1.jpg", 6)  # stored 40x30, read 30x40; the XML says 40x30
+    msg = _fails(src, tmp_path, src / "ANNOTATIONS" / "im1.xml")
+    assert "declares size 40x30 but im1.jpg is 30x40 once its EXIF orientation (6) is applied" in msg
+
+
 def test_unsupported_image_type(tmp_path):
     src = voc(tmp_path / "src")
     (src / "IMAGES" / "im2.jpg").rename(src / "IMAGES" / "im2.tif")

@@ -23,6 +23,7 @@ from d3n.artifacts import atomic_dir, read_json, write_bytes, write_json, write_
 from d3n.data import versions
 from d3n.data.check import count
 from d3n.data.layout import DatasetLayout
+from d3n.data.validate import image_size
 from d3n.errors import ConfigError, DataError
 from d3n.train.augment import methods
 from d3n.train.augment.params import METHODS, Params
@@ -130,13 +131,11 @@ def augment(data: str | Path, out: str | Path, method: str, counts: dict[str, in
 
 
 class _Sizes(dict):
-    """(h, w) of an image, read from its header the first time it is asked for."""
+    """(h, w) of an image as the stages read it, from its header the first time it is asked for."""
 
     def __missing__(self, path: Path) -> tuple[int, int]:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            self[path] = (im.height, im.width)
+        w, h = image_size(path)
+        self[path] = (h, w)
         return self[path]
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from d3n.data.layout import DatasetLayout
+from d3n.data.validate import image_size
 from d3n.errors import DataError
 
 
@@ -90,8 +90,7 @@ class Placer:
                 mask = cv2.imread(str(m), cv2.IMREAD_GRAYSCALE)
                 if mask is None:
                     raise DataError(f"{m}: unreadable mask")
-                with Image.open(img) as im:
-                    w, h = im.size
+                w, h = image_size(img)
                 if mask.shape != (h, w):
                     raise DataError(f"{m}: mask is {mask.shape[1]}x{mask.shape[0]} but {img} is {w}x{h}")
                 if not mask.any():
