@@ -9,7 +9,7 @@
   would otherwise reach for, and (with openvino installed) ultralytics' own OpenVINO export of the
   checkpoint, its predictor's FPS and its own val mAP;
 - mAP50 / mAP50-95 of every backend that d3n runs (ORT and OpenVINO, FP32 and INT8) on one split of
-  `--calib`'s dataset (`--split`; test where the checkpoint was chosen on val), through the runtime's
+  `--calib`'s dataset (`--split`; by default test where it has one: val chose the checkpoint), through the runtime's
   pre/postprocessing (export/evaluate.py).
 Targets (reported, not asserted): e2e FPS >= 0.95 x model-only FPS; INT8 latency <= 0.45 x FP32.
 """
@@ -22,14 +22,15 @@ import platform
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from d3n.artifacts import write_json
-from d3n.errors import D3NError
+from d3n.data.layout import DatasetLayout
+from d3n.errors import D3NError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class BenchOptions:
     calib: Path | None = None
     out: Path | None = None
     warmup: int = 5
-    split: str = "val"  # the labelled split of --calib's dataset every mAP is scored on
+    split: str | None = None  # the split of --calib's dataset every mAP is scored on (None: test, else val)
 
 
 def hardware() -> dict:
@@ -214,7 +215,6 @@ def ultralytics_openvino(m: dict, video: Path, opts: BenchOptions, out: Path) ->
     import importlib.util
     import shutil
 
-    from d3n.data.layout import DatasetLayout
     from d3n.offline import ultralytics
     from d3n.runtime.openvino_backend import openvino_available
 
@@ -232,7 +232,8 @@ def ultralytics_openvino(m: dict, video: Path, opts: BenchOptions, out: Path) ->
     default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
     routes = {"ultralytics_openvino": ({}, default)}
     if importlib.util.find_spec("nncf") is not None:
-        routes["ultralytics_openvino_int8"] = ({"int8": True, "data": data}, "int8")
+        # calibrated on train, as d3n's own INT8 is: never on the images it is scored on
+        routes["ultralytics_openvino_int8"] = ({"int8": True, "data": data, "split": "train"}, "int8")
     else:
         log.info("bench: nncf not installed, no ultralytics OpenVINO INT8 row (pip install nncf)")
     rows = {}
@@ -275,6 +276,19 @@ def _gpu_rows(fp32: Path, opts: BenchOptions, out: Path) -> list[dict]:
     return rows
 
 
+def scored_split(data: Path, split: str | None) -> str:
+    """The split every mAP is scored on: as asked, else test where the dataset has one (val chose the
+    checkpoints and so flatters every row), else val."""
+    layout = DatasetLayout.open(data)
+    if split is None:
+        split = "test" if layout.has("test") and layout.images("test") else "val"
+        if split == "val":
+            log.warning("bench: %s has no test split; mAP is scored on val, which chose the checkpoint", data)
+    elif not layout.has(split):
+        raise DataError(f"{layout.yaml_path}: no split '{split}' to score on (has {sorted(layout.splits)})")
+    return split
+
+
 def run_bench(opts: BenchOptions) -> dict:
     if not opts.model.is_file() or opts.model.suffix != ".pt":
         raise D3NError(f"{opts.model}: d3n bench takes an ultralytics .pt checkpoint")
@@ -282,10 +296,12 @@ def run_bench(opts: BenchOptions) -> dict:
         out = opts.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         m = _export_models(opts, out)
+        opts = replace(opts, split=scored_split(m["data"], opts.split))
         video = opts.source or _default_video(m["data"], out, opts.frames)
         if not Path(video).exists():
             raise D3NError(f"{video}: video not found")
         result = {"hardware": hardware(), "imgsz": list(opts.imgsz), "checkpoint": str(opts.model),
+                  "split": opts.split,
                   "video": str(opts.source or "generated from the dataset's val images"),
                   "model_only": [*_scored_rows(m, "cpu", opts), *_openvino_rows(m, opts),
                                  *_gpu_rows(m["fp32"], opts, out), torch_latency(opts.model, opts)],

@@ -51,8 +51,8 @@ def register(sub) -> None:
     b.add_argument("--iters", type=int, default=100, help="timed model-only iterations per backend")
     b.add_argument("--calib", type=Path, help="dataset for INT8 calibration and mAP50 (default: a generated "
                                               "synthetic dataset, whose mAP says nothing about the model)")
-    b.add_argument("--split", default="val", help="split of --calib's dataset every mAP is scored on (default "
-                                                  "val; test when the checkpoint was chosen on val)")
+    b.add_argument("--split", default=None, help="split of --calib's dataset every mAP is scored on (default: "
+                                                 "test where it has one, else val)")
     b.add_argument("--out", type=Path, help="folder for the exported models (default: a temp folder)")
     b.set_defaults(func=_cmd_bench)
 

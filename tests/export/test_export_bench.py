@@ -6,6 +6,8 @@ import importlib.util
 import json
 import math
 
+import pytest
+
 from d3n.cli import main
 
 
@@ -16,6 +18,7 @@ def test_bench_side_by_side(tiny_ckpt, synth_small, tmp_path, capsys):
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["hardware"]["cpu"] and r["hardware"]["cores"]
+    assert r["split"] == "val"  # synth_small has no test split: val, with a warning
     rows = {(row["backend"].split(" ")[0], row["model"]) for row in r["model_only"]}
     assert {("onnxruntime-cpu", "model.onnx"), ("onnxruntime-cpu", "model.int8.onnx"),
             ("torch-eager-cpu", "tiny.pt")} <= rows
@@ -47,3 +50,17 @@ def test_bench_side_by_side(tiny_ckpt, synth_small, tmp_path, capsys):
         assert math.isfinite(r["ratios"][key]) and r["ratios"][key] > 0
     printed = capsys.readouterr().out
     assert "model-only" in printed and "end-to-end" in printed
+
+
+def test_scored_split_is_test_unless_asked(tmp_path, synth_small):
+    # val chose the checkpoint: every bench mAP is scored on test where the dataset has one
+    from d3n.data.synth import generate
+    from d3n.errors import DataError
+    from d3n.export.bench import scored_split
+
+    with_test = generate(tmp_path / "data", images=10, size=64, seed=0, test_frac=0.2, progress=False)
+    assert scored_split(with_test, None) == "test"
+    assert scored_split(with_test, "val") == "val"
+    assert scored_split(synth_small, None) == "val"
+    with pytest.raises(DataError, match=r"data.yaml: no split 'holdout'"):
+        scored_split(with_test, "holdout")

@@ -246,7 +246,8 @@ def test_bench_openvino_rows(tiny_onnx, int8_onnx, monkeypatch, tmp_path):
         lbl.write_text("".join(f"{ln}\n" for ln in lbl.read_text().splitlines() if int(ln.split()[0]) < len(NAMES)))
     spec = yaml.safe_load((data / "data.yaml").read_text())
     (data / "data.yaml").write_text(yaml.safe_dump({**spec, "names": dict(enumerate(NAMES)), "nc": len(NAMES)}))
-    opts = bench.BenchOptions(model=tiny_onnx.with_suffix(".pt"), imgsz=(IMGSZ, IMGSZ), iters=3, warmup=1)
+    opts = bench.BenchOptions(model=tiny_onnx.with_suffix(".pt"), imgsz=(IMGSZ, IMGSZ), iters=3, warmup=1,
+                              split="val")
     m = {"fp32": tiny_onnx, "int8": int8_onnx, "data": data}
     rows = bench._openvino_rows(m, opts)
     assert [(r["backend"], r["model"]) for r in rows] == [("openvino-cpu", "tiny.onnx"),
