@@ -8,6 +8,7 @@ epoch and plotted (Fig. 11).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -123,6 +124,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     extra = {"names": list(layout.names), "imgsz": cfg.train.imgsz, "repo": str(Path(repo).resolve()),
              "compressor": str(features.compressor or ""), "ddpm": store.meta.get("ddpm_run"),
              "timesteps": store.timesteps, "shuffle_seed": shuffle}
+    # the same runs relative to the teacher's folder: a run folder copied elsewhere still finds them
+    extra["relative"] = {k: os.path.relpath(extra[k], Path(out).resolve()) for k in ("compressor", "ddpm") if extra[k]}
     task = TeacherTask(model, features, cfg.train.imgsz, extra, identity(cfg, mode="json"))
 
     def log_branches(m, epoch):

@@ -23,21 +23,31 @@ from d3n.train.teacher.live import LiveRepository
 from d3n.train.teacher.model import FusionTeacher
 
 
+def recorded_run(extra: dict, key: str, model_path: Path) -> Path | None:
+    """The DDPM or compressor run a teacher checkpoint records: where it was, else at the same place
+    relative to the checkpoint (a run folder copied to another machine), else the old path (named in
+    the error that follows)."""
+    if not extra.get(key):
+        return None
+    where = Path(extra[key])
+    moved = (Path(model_path).resolve().parent / extra.get("relative", {}).get(key, where)).resolve()
+    return where if where.exists() or not moved.exists() else moved
+
+
 def feature_source(teacher: FusionTeacher, model_path: Path, images: dict[str, Path], repo: Path | None,
                    ddpm: Path | None, resvae: Path | None, device: str):
     """(source, compressor, description): the repository asked for, else the on-the-fly source built
     from the DDPM run and compressor the checkpoint records (or those given)."""
-    extra = teacher.extra
-    compressor = resvae or (Path(extra["compressor"]) if extra.get("compressor") else None)
+    compressor = resvae or recorded_run(teacher.extra, "compressor", model_path)
     if repo is not None:
         return FeatureStore.open(repo), compressor, f"repository {repo}"
-    ddpm = ddpm or (Path(extra["ddpm"]) if extra.get("ddpm") else None)
+    ddpm = ddpm or recorded_run(teacher.extra, "ddpm", model_path)
     if ddpm is None or not Path(ddpm).exists():
         raise ArtifactError(f"{model_path}: its DDPM run ({ddpm}) is not here; pass --ddpm RUN (and --resvae RUN) "
                             "or --repo with features of this split")
     if compressor is not None and not Path(compressor).exists():
         raise ArtifactError(f"{model_path}: its compressor run ({compressor}) is not here; pass --resvae RUN")
-    live = LiveRepository(Path(ddpm), extra.get("timesteps") or [100, 150, 250], images, compressor, device)
+    live = LiveRepository(Path(ddpm), teacher.extra.get("timesteps") or [100, 150, 250], images, compressor, device)
     return live, compressor, f"computed on the fly from {ddpm}" + (f" and {compressor}" if compressor else "")
 
 

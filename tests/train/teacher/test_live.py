@@ -4,6 +4,7 @@ split no repository holds."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -45,3 +46,23 @@ def test_teacher_val_without_its_ddpm_says_what_to_pass(micro_pipeline, tmp_path
     rc = main(["val", "--model", str(out / "teacher" / "best.pt"), "--data", str(out / "data" / "dataset"),
                "--split", "test", "--imgsz", "96", "--ddpm", str(tmp_path / "gone")])
     assert rc != 0 and "--ddpm" in capsys.readouterr().err
+
+
+def test_a_copied_run_finds_its_ddpm_and_compressor(micro_pipeline, tmp_path):
+    # the checkpoint records its runs relative to itself too: a run folder copied to another machine,
+    # where the absolute paths do not exist, still finds them beside it
+    from d3n.train.teacher.model import FusionTeacher
+    from d3n.train.teacher.val import recorded_run
+
+    _, out = micro_pipeline
+    extra = FusionTeacher.load(out / "teacher" / "best.pt").extra
+    for key, run in (("ddpm", "ddpm"), ("compressor", "resvae")):
+        assert ((out / "teacher") / extra["relative"][key]).resolve() == (out / run).resolve()
+        assert recorded_run(extra, key, out / "teacher" / "best.pt") == (out / run).resolve()
+        for folder in (run, "teacher"):
+            (tmp_path / "copy" / folder).mkdir(parents=True, exist_ok=True)
+        moved = {key: str(tmp_path / "gone" / run), "relative": extra["relative"]}
+        assert recorded_run(moved, key, tmp_path / "copy" / "teacher" / "best.pt") == (tmp_path / "copy" / run).resolve()
+    # neither place exists: the recorded path, which the caller names in its error
+    assert recorded_run({"ddpm": "/gone/ddpm"}, "ddpm", tmp_path / "x" / "best.pt") == Path("/gone/ddpm")
+    assert recorded_run({"ddpm": None}, "ddpm", tmp_path / "best.pt") is None
