@@ -19,16 +19,16 @@ from d3n.errors import D3NError
 # Modules that add subcommands. A module missing from an install (e.g. a trimmed edge image)
 # just does not contribute its commands.
 COMMAND_MODULES = (
-    "d3n.data.cli",  # d3n data import|check|synth
+    "d3n.data.cli",  # d3n data import|add|check|synth
     "d3n.train.cli",  # d3n train baseline, d3n val, d3n teacher
     "d3n.train.ddpm.cli",  # d3n ddpm train (stage 1: the DDPM)
-    "d3n.train.repository.cli",  # d3n repo, d3n resvae (stage 1: feature repository)
+    "d3n.train.repository.cli",  # d3n repo build|compress|probe, d3n resvae (stage 1: feature repository)
     "d3n.train.generator.cli",  # d3n generator train (the defect generator)
     "d3n.train.augment.cli",  # d3n augment
     "d3n.distill.cli",  # d3n distill
     "d3n.pipeline_cli",  # d3n pipeline, d3n demo
     "d3n.experiment.cli",  # d3n experiment
-    "d3n.export.cli",  # d3n export, d3n bench
+    "d3n.export.cli",  # d3n export, d3n bench, d3n promote
     "d3n.runtime.cli",  # d3n run
 )
 

@@ -315,11 +315,17 @@ def run_bench(opts: BenchOptions) -> dict:
             result["end_to_end"].update({k: v for k, v in ov.items() if "failed" not in v})
             result["failed"] = {k: v["failed"] for k, v in ov.items() if "failed" in v}
         result["ratios"] = ratios(result)
-        path = opts.json or out / "bench.json"
+        path = results_path(opts)
         write_json(path, result)
     print(table(result))
     print(f"results written to {path}")
     return result
+
+
+def results_path(opts: BenchOptions) -> Path:
+    """--json, else bench.json in --out, else in the working folder (without --out the models go
+    to a temporary folder that is deleted on exit)."""
+    return opts.json or (opts.out / "bench.json" if opts.out else Path("bench.json"))
 
 
 def _default_video(data: Path, out: Path, n: int) -> Path:

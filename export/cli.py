@@ -46,7 +46,7 @@ def register(sub) -> None:
     b.add_argument("--model", type=Path, required=True, help="checkpoint .pt")
     b.add_argument("--source", type=Path, help="video for the end-to-end runs (default: a generated one)")
     b.add_argument("--imgsz", type=_imgsz, default=(640, 640))
-    b.add_argument("--json", type=Path, help="write the results here (default <out>/bench.json)")
+    b.add_argument("--json", type=Path, help="write the results here (default <out>/bench.json with --out, else ./bench.json)")
     b.add_argument("--frames", type=int, default=200, help="frames per end-to-end run")
     b.add_argument("--iters", type=int, default=100, help="timed model-only iterations per backend")
     b.add_argument("--calib", type=Path, help="dataset for INT8 calibration and mAP50 (default: a generated "

@@ -8,7 +8,7 @@ FORMATS = ("voc", "yolo", "coco", "masks")  # d3n.data.importer.FORMATS, without
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="dataset tools: import, check, synth")
+    data = sub.add_parser("data", help="dataset tools: import, add, check, synth")
     cmds = data.add_subparsers(dest="data_command", metavar="ACTION")
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
 
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_import)
 
     p = cmds.add_parser("add", help="add new labelled images to a dataset as a new data version",
-                        description="Imports NEW with the same checks as `d3n data import` (VOC / YOLO / COCO, "
+                        description="Imports NEW with the same checks as `d3n data import` (VOC / YOLO / COCO / masks, "
                         "the dataset's class names) and adds every image to one split of DATA, as a new "
                         "version in DATA/versions.json. Nothing changes if a check fails or a name is "
                         "taken. For DATA inside a pipeline run (RUN/data/dataset), the next `d3n pipeline` "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,12 @@ def test_scored_split_is_test_unless_asked(tmp_path, synth_small):
     assert scored_split(synth_small, None) == "val"
     with pytest.raises(DataError, match=r"data.yaml: no split 'holdout'"):
         scored_split(with_test, "holdout")
+
+
+def test_results_outlive_the_temporary_models_folder(tmp_path):
+    from d3n.export.bench import BenchOptions, results_path
+
+    pt = tmp_path / "m.pt"
+    assert results_path(BenchOptions(model=pt)) == Path("bench.json")  # not inside the deleted temp folder
+    assert results_path(BenchOptions(model=pt, out=tmp_path / "o")) == tmp_path / "o" / "bench.json"
+    assert results_path(BenchOptions(model=pt, out=tmp_path / "o", json=tmp_path / "r.json")) == tmp_path / "r.json"

@@ -33,12 +33,15 @@ def instructions(text: str) -> list[tuple[str, str]]:
 
 
 def runtime_requirements() -> list[str]:
-    """Core + `runtime` extra names, less the two JetPack / the ORT_WHEEL argument provide."""
+    """Core + `runtime` + `gpu` extra names, less those JetPack (OpenCV, TensorRT) and the ORT_WHEEL
+    argument (onnxruntime) provide: the image runs .onnx and native .engine models."""
     from importlib.metadata import requires
 
-    reqs = [r for r in requires("d3n") or [] if "extra ==" not in r or 'extra == "runtime"' in r]
+    extras = ('extra == "runtime"', 'extra == "gpu"')
+    reqs = [r for r in requires("d3n") or [] if "extra ==" not in r or any(e in r for e in extras)]
     names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in reqs]
-    return [n for n in dict.fromkeys(names) if not n.startswith("opencv") and n != "onnxruntime"]
+    jetpack = ("onnxruntime", "onnxruntime-gpu", "tensorrt")
+    return [n for n in dict.fromkeys(names) if not n.startswith("opencv") and n not in jetpack]
 
 
 def problems(text: str) -> list[str]:
