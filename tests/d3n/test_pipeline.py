@@ -223,6 +223,15 @@ def test_bad_config_names_file_and_field(tmp_path, capsys):
     assert "bad.yaml" in err and "epochs" in err
 
 
+def test_ddpm_schedule_missing_is_named_before_it_trains(micro_config, tmp_path, capsys):
+    cfg = tmp_path / "noschedule.yaml"
+    cfg.write_text(yaml.safe_dump({**micro_config, "out": str(tmp_path / "run"),
+                                   "ddpm": {**micro_config["ddpm"], "steps": None}}))
+    assert main(["pipeline", str(cfg), "--stages", "data,ddpm"]) == 1
+    assert "exactly one of ddpm.steps or ddpm.epochs" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "ddpm").exists()
+
+
 def test_augment_section_feeds_every_later_stage_the_augmented_dataset(micro_config, tmp_path):
     """With `augment:` the generator and augment stages run, and the chain after them reads
     augment/dataset: the repository holds the generated train images' features too."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from d3n.artifacts import METRICS, read_json
+from d3n.errors import ConfigError
 from d3n.train.ddpm.train import DDPMTrainConfig as Config
 from d3n.train.ddpm.train import finetune_ddpm, train_ddpm
 
@@ -14,6 +15,9 @@ DISTRIBUTED = True  # under torchrun every rank trains its share of each batch
 
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:
     s = pcfg.ddpm
+    if (s.steps is None) == (s.epochs is None):
+        raise ConfigError("the ddpm stage needs exactly one of ddpm.steps or ddpm.epochs in the pipeline config "
+                          f"(got steps={s.steps}, epochs={s.epochs})")
     return Config(data=str(inputs["data"]), preset=s.preset, size=s.size, steps=s.steps, epochs=s.epochs,
                   batch=s.batch, lr=s.lr, lr_min=s.lr_min, ema=s.ema, seed=pcfg.seed, device=pcfg.device)
 
