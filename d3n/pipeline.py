@@ -177,6 +177,16 @@ def load_config(path: Path) -> PipelineConfig:
     return cfg
 
 
+def spent_before(d: Path, state: dict) -> float:
+    """Seconds earlier attempts of a stage spent before they stopped: each attempt records when it
+    started; one that was killed ended at the last file it wrote. So a resumed stage reports its
+    whole time, not the last attempt's."""
+    if "started" not in state:
+        return 0.0
+    last = max((p.stat().st_mtime for p in d.rglob("*") if p.is_file() and p.name != STATE), default=state["started"])
+    return float(state.get("spent", 0.0)) + max(0.0, last - state["started"])
+
+
 class Pipeline:
     """Runs the registry's stages into one run folder. `share` (used by `d3n experiment`) offers
     finished stage folders of other run folders by stage key: a stage whose key one of them has
@@ -281,17 +291,20 @@ class Pipeline:
                 log.info("stage %s: inputs or config changed, starting afresh", stage.name)
                 shutil.rmtree(d)
             d.mkdir(parents=True, exist_ok=True)
-            write_json(state_file, {"key": key})
             print(f"\n== {stage.name}{' (resuming)' if decision == 'resume' else ''} ==", flush=True)
-        distributed.barrier(long=True)  # rank 0 works on files meanwhile
+        spent = spent_before(d, state) if decision == "resume" else 0.0
         t0 = time.time()
+        if main and decision != "updating":  # (a fine-tune's state file says so; it is timed alone)
+            write_json(state_file, {"key": key, "started": t0, "spent": spent})
+        distributed.barrier(long=True)  # rank 0 works on files meanwhile
         execute(stage, config, inputs, d)
-        self.timings[stage.name] = round(time.time() - t0, 1)
+        self.timings[stage.name] = round(spent + time.time() - t0, 1)
         made = {"resume": "resumed", "updating": f"fine-tuned for data version {version}"}
         self.status[stage.name] = made.get(decision, "ran")
         if main:
             # how this folder came to be, and on which data version
-            write_json(state_file, {"key": key, "own": own, "data_version": version, "made": self.status[stage.name]})
+            write_json(state_file, {"key": key, "own": own, "data_version": version, "made": self.status[stage.name],
+                                    "seconds": self.timings[stage.name]})
             if self.share is not None:
                 self.share.add(key, d)
 

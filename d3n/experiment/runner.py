@@ -36,7 +36,7 @@ def select(exp: ExperimentConfig, names: list[str] | None) -> list[tuple[str, in
 
 
 def run_cell(exp: ExperimentConfig, variant: str, seed: int, share: StageShare) -> dict:
-    from d3n.pipeline import Pipeline, load_config
+    from d3n.pipeline import STATE, Pipeline, load_config
 
     name = cell_name(variant, seed)
     folder = exp.out / "cells" / name
@@ -60,10 +60,13 @@ def run_cell(exp: ExperimentConfig, variant: str, seed: int, share: StageShare) 
     pipe.run(stages)
     took = round(time.time() - t0, 1)
     ran = {s: pipe.timings.get(s) for s, st in pipe.status.items() if st in ("ran", "resumed")}
-    seconds = {**previous.get("stage_seconds", {}), **ran}  # a cell resumed across sessions adds up
-    # how each stage folder came to be (ran / resumed / shared), as the pipeline recorded it
-    status = {s: read_json(p).get("made", st) for s, st in pipe.status.items()
-              if (p := folder / s / ".pipeline.json").exists()}
+    # how each stage folder came to be (ran / resumed / shared), as the pipeline recorded it, and the
+    # seconds it took over every attempt (a cell killed and resumed across sessions adds up)
+    states = {s: read_json(p) for s in pipe.status if (p := folder / s / STATE).exists()}
+    status = {s: st.get("made", pipe.status[s]) for s, st in states.items()}
+    earlier = previous.get("stage_seconds", {})
+    seconds = {s: states[s].get("seconds", ran.get(s, earlier.get(s))) for s, made in status.items()
+               if not made.startswith(("shared", "skipped"))}
     record = {"cell": name, "variant": variant, "seed": seed, "complete": True, "status": status,
               "stage_seconds": seconds, "seconds": round(sum(v for v in seconds.values() if v), 1),
               "wall_seconds_last_run": took}

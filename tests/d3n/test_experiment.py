@@ -79,6 +79,12 @@ def test_runner_shares_stages_resumes_a_killed_cell_and_reports(tmp_path, monkey
     assert ran["data"] == ran["ddpm"] == ran["repo"] == ran["resvae"] == ran["compress"] == 1
     assert ran["baseline"] == 2 and ran["teacher"] == 4 and ran["distill"] == 4
     assert cells["d3n-s1"]["status"]["distill"] == "resumed"
+    # the killed cell's time is whole: the stages its first attempt finished, and the distillation
+    # the first attempt trained before it died, not only what the resumed attempt did
+    secs = cells["d3n-s1"]["stage_seconds"]
+    assert {"baseline", "teacher", "distill", "export"} <= set(secs) and all(v > 0 for v in secs.values())
+    last_attempt = json.loads((study / "cells" / "d3n-s1" / "distill" / "manifest.json").read_text())["seconds"]
+    assert secs["distill"] > last_attempt
     assert cells["no-ddpm-s0"]["status"]["baseline"].startswith("shared")
 
     report = json.loads((study / "experiment.json").read_text())
