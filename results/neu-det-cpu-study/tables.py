@@ -28,3 +28,23 @@ for d in r["paired"]:
 print()
 for c, rec in r["cells"].items():
     print(c, rec.get("seconds"), rec.get("stage_seconds"))
+print()
+# training time per cell from the training loops' own per-epoch seconds (results.csv), which add up
+# over resumed attempts (the cells were run before stage times counted every attempt)
+import csv  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+cells = Path(sys.argv[1]).parent / "cells"
+print("| cell | stages trained in it | training seconds (sum of epochs) |")
+print("|---|---|---:|")
+for c in sorted(cells.iterdir()):
+    got = {}
+    for st in ("ddpm", "resvae", "baseline", "teacher", "distill"):
+        state = c / st / ".pipeline.json"
+        if not state.exists() or json.loads(state.read_text()).get("made", "").startswith("shared"):
+            continue
+        res = c / st / "results.csv"
+        if res.exists():
+            got[st] = sum(float(row["seconds"]) for row in csv.DictReader(res.open()))
+    if got:
+        print(f"| {c.name} | {', '.join(f'{k} {v / 60:.0f} min' for k, v in got.items())} | {sum(got.values()):.0f} |")
