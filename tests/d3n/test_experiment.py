@@ -121,7 +121,7 @@ def test_augmentation_study_runs_only_its_stages_and_compares_baselines(tmp_path
     assert "0" not in train_classes
 
 
-@pytest.mark.parametrize("name", ["neu-det-cpu.yaml", "synth-rare-class.yaml"])
+@pytest.mark.parametrize("name", ["neu-det-cpu.yaml", "synth-rare-class.yaml", "neu-det-augment.yaml"])
 def test_shipped_experiments_validate_cell_by_cell(name):
     from d3n.config import validate
     from d3n.pipeline import PipelineConfig
