@@ -17,6 +17,7 @@ records the data version it saw and how it was made.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -248,6 +249,12 @@ class Pipeline:
         config = stage.impl().from_pipeline(self.cfg, inputs)
         inputs = self.inputs(stage, stage.wanted(config, inputs))
         key, own = stage_keys(stage, config, self.out, inputs)
+        # with cells running side by side, one makes a shared stage while the others wait, then share it
+        making = self.share is not None and distributed.world().main
+        with self.share.making(key, stage.name) if making else contextlib.nullcontext():
+            self._run_keyed(stage, d, config, inputs, key, own)
+
+    def _run_keyed(self, stage: Stage, d: Path, config, inputs: dict[str, Path], key: str, own: str) -> None:
         state_file = d / STATE
         state = read_json(state_file) if state_file.exists() else {}
         version = self.data_version()

@@ -1,10 +1,15 @@
 """Run an experiment's cells (variants x seeds), each a pipeline run folder under OUT/cells/, with
 stages shared across cells by key (d3n/experiment/share.py). Every cell resumes like the pipeline;
-`cells` selects a subset, so cells can run on several machines or sessions and be gathered later."""
+`cells` selects a subset, so cells can run on several machines or sessions and be gathered later.
+A cell is run under a lock: processes started on the same folder (`--jobs N`, or another session)
+each take the cells no other process holds."""
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,11 +17,12 @@ import yaml
 
 from d3n.artifacts import read_json, write_json, write_text
 from d3n.errors import ConfigError
-from d3n.experiment.share import StageShare
+from d3n.experiment.share import StageShare, try_exclusive
 from d3n.experiment.spec import ExperimentConfig, cell_config, cell_name, variant_stages
 
 log = logging.getLogger(__name__)
 CELL = "cell.json"
+CELL_LOCK = ".cell.lock"  # held while a process runs the cell
 
 
 def all_cells(exp: ExperimentConfig) -> list[tuple[str, int]]:
@@ -35,14 +41,17 @@ def select(exp: ExperimentConfig, names: list[str] | None) -> list[tuple[str, in
     return [known[n] for n in names]
 
 
-def run_cell(exp: ExperimentConfig, variant: str, seed: int, share: StageShare) -> dict:
+def run_cell(exp: ExperimentConfig, variant: str, seed: int, share: StageShare, device: str | None = None) -> dict:
     from d3n.pipeline import STATE, Pipeline, load_config
 
     name = cell_name(variant, seed)
     folder = exp.out / "cells" / name
     folder.mkdir(parents=True, exist_ok=True)
     cfg_path = folder / "pipeline.yaml"
-    write_text(cfg_path, yaml.safe_dump(cell_config(exp, variant, seed), sort_keys=False))
+    raw = cell_config(exp, variant, seed)
+    if device is not None:  # where this process runs; never part of a stage key
+        raw["device"] = device
+    write_text(cfg_path, yaml.safe_dump(raw, sort_keys=False))
     previous = read_json(folder / CELL) if (folder / CELL).exists() else {}
     print(f"\n==== cell {name} ====", flush=True)
     t0 = time.time()
@@ -74,12 +83,60 @@ def run_cell(exp: ExperimentConfig, variant: str, seed: int, share: StageShare) 
     return record
 
 
-def run_experiment(exp: ExperimentConfig, cells: list[str] | None = None) -> dict:
+def run_experiment(exp: ExperimentConfig, cells: list[str] | None = None, device: str | None = None) -> dict:
+    """Run the cells (all, or `cells`) in order, skipping any another process is running."""
     exp.out.mkdir(parents=True, exist_ok=True)
     share = StageShare(exp.out / "cells")
-    records = [run_cell(exp, v, s, share) for v, s in select(exp, cells)]
+    records, elsewhere = [], []
+    for v, s in select(exp, cells):
+        name = cell_name(v, s)
+        with try_exclusive(exp.out / "cells" / name / CELL_LOCK) as mine:
+            if not mine:
+                print(f"cell {name}: another process is running it; left to that one", flush=True)
+                elsewhere.append(name)
+                continue
+            records.append(run_cell(exp, v, s, share, device))
     log.info("experiment: %d cells, %d stages shared between cells", len(records), share.copied)
-    return {"cells": records, "shared_stages": share.copied}
+    return {"cells": records, "elsewhere": elsewhere, "shared_stages": share.copied}
+
+
+def run_jobs(config: Path, exp: ExperimentConfig, jobs: int, cells: list[str] | None = None,
+             devices: list[str] | None = None) -> int:
+    """`jobs` processes on one experiment folder, each taking the next cell no other one holds (a
+    cell that needs a stage another is making waits for it and shares it). On CPU each process gets
+    its share of the cores (OMP_NUM_THREADS = cores / jobs); `devices` are dealt out round-robin.
+    Each process logs to OUT/worker-<i>.log. Returns the first non-zero exit status, else 0."""
+    from d3n.distributed import cpu_cores
+
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
+    exp.out.mkdir(parents=True, exist_ok=True)
+    threads = str(max(1, cpu_cores() // jobs))
+    procs = []
+    try:
+        for i in range(jobs):
+            cmd = [sys.executable, "-m", "d3n.cli", "experiment", str(config), "--out", str(exp.out), "--worker"]
+            if cells:
+                cmd += ["--cells", ",".join(cells)]
+            if devices:
+                cmd += ["--device", devices[i % len(devices)]]
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            logfile = exp.out / f"worker-{i}.log"
+            print(f"worker {i}: {threads} threads{', ' + devices[i % len(devices)] if devices else ''}; "
+                  f"log {logfile}", flush=True)
+            with open(logfile, "ab") as fh:
+                procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
+        codes = [p.wait() for p in procs]
+    finally:  # interrupted: stop the workers (their cells resume on the next run)
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+    for i, rc in enumerate(codes):
+        if rc:
+            print(f"worker {i} failed (exit {rc}); see {exp.out / f'worker-{i}.log'}", file=sys.stderr)
+    return next((rc for rc in codes if rc), 0)
 
 
 def finished_cells(exp: ExperimentConfig) -> dict[str, dict]:

@@ -66,7 +66,11 @@ def test_runner_shares_stages_resumes_a_killed_cell_and_reports(tmp_path, monkey
     monkeypatch.setattr(trainer, "finish", killed)  # d3n-s1 dies after its student trained
     assert main(["experiment", str(path), "--cells", "d3n-s1"]) == 130  # d3n: interrupted
     monkeypatch.setattr(trainer, "finish", real)
-    assert main(["experiment", str(path)]) == 0
+    # the rest side by side: 2 processes on one folder, each taking the next cell no other holds; a
+    # stage both need (no-ddpm-s1's baseline is d3n-s1's) is made once and shared, never twice
+    assert main(["experiment", str(path), "--jobs", "2"]) == 0
+    logs = [(study / f"worker-{i}.log").read_text() for i in range(2)]
+    assert all("==== cell" in log for log in logs), "both processes ran cells"
 
     cells = {c.name: json.loads((c / "cell.json").read_text()) for c in (study / "cells").iterdir()}
     assert set(cells) == {"d3n-s0", "d3n-s1", "no-ddpm-s0", "no-ddpm-s1"}
@@ -97,6 +101,57 @@ def test_runner_shares_stages_resumes_a_killed_cell_and_reports(tmp_path, monkey
     for fig in ("fig11_branch_weights.png", "fig12_curves.png", "fig13_map_vs_gflops.png", "fig14_gradcam.png"):
         assert (study / fig).exists(), fig
     assert main(["experiment", str(path), "--gather"]) == 0
+
+
+def test_a_cell_another_process_holds_is_left_to_it(tmp_path):
+    from d3n.experiment.runner import CELL_LOCK, run_experiment
+    from d3n.experiment.share import try_exclusive
+    from d3n.experiment.spec import load_experiment
+
+    exp = load_experiment(_experiment(tmp_path))
+    exp.variants = {"d3n": exp.variants["d3n"]}
+    exp.seeds = [0]
+    cell = exp.out / "cells" / "d3n-s0"
+    with try_exclusive(cell / CELL_LOCK) as held:  # as if another process ran it
+        assert held
+        result = run_experiment(exp)
+    assert result["elsewhere"] == ["d3n-s0"] and result["cells"] == []
+    assert not (cell / "data").exists()
+
+
+def test_stage_lock_waits_for_the_holder(tmp_path):
+    # a second process that needs a stage being made waits for the lock, then finds the folder
+    import multiprocessing as mp
+    import time
+
+    from d3n.experiment.share import StageShare
+
+    share = StageShare(tmp_path / "cells")
+    ctx = mp.get_context("fork")
+    started = ctx.Event()
+
+    def hold():
+        with share.making("k" * 64, "ddpm"):
+            started.set()
+            time.sleep(1.0)
+            (tmp_path / "made").write_text("x")
+
+    p = ctx.Process(target=hold)
+    p.start()
+    assert started.wait(30)
+    with share.making("k" * 64, "ddpm"):
+        assert (tmp_path / "made").exists()  # not entered before the holder let go
+    p.join(30)
+    assert p.exitcode == 0
+
+
+def test_jobs_and_devices_are_checked(tmp_path, capsys):
+    path = _experiment(tmp_path)
+    assert main(["experiment", str(path), "--jobs", "2", "--devices", "gpu0"]) == 1
+    assert "--devices" in capsys.readouterr().err
+    assert main(["experiment", str(path), "--cells", "nope-s9", "--jobs", "2"]) == 1
+    assert "unknown cells" in capsys.readouterr().err
+    assert not (tmp_path / "study" / "worker-0.log").exists()
 
 
 def test_augmentation_study_runs_only_its_stages_and_compares_baselines(tmp_path):
