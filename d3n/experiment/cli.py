@@ -12,6 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cells", help="comma-separated subset of cells (VARIANT-sSEED), e.g. d3n-s0,d3n-s1")
     p.add_argument("--out", type=Path, help="experiment folder (default: the file's `out`)")
     p.add_argument("--gather", action="store_true", help="only write the report from the cells that finished")
+    p.add_argument("--status", action="store_true",
+                   help="where every cell stands (done / running / stopped / waiting), then exit")
     p.add_argument("--jobs", type=int, default=1,
                    help="cells run side by side, each in its own process with cores / N CPU threads (default 1); "
                         "a stage two cells share is made once, the other waits for it")
@@ -31,6 +33,8 @@ def _experiment(args) -> int:
     exp = load_experiment(args.config)
     if args.out is not None:
         exp.out = args.out.resolve()
+    if args.status:
+        return _status(exp)
     cells = [c.strip() for c in args.cells.split(",")] if args.cells else None
     if cells:
         select(exp, cells)  # unknown names are an error before anything starts
@@ -51,4 +55,21 @@ def _experiment(args) -> int:
     from d3n.experiment.report import write_experiment_report
 
     write_experiment_report(exp)
+    return 0
+
+
+def _status(exp) -> int:
+    from d3n.experiment.runner import cell_states
+
+    states = cell_states(exp)
+    for st in states:
+        if st["state"] == "done":
+            how = f"{st['seconds'] / 60:.0f} min" if st.get("seconds") else ""
+        elif st["state"] == "waiting":
+            how = ""
+        else:
+            how = f"at {st['stage']}" + (f" (made: {', '.join(st['made'])})" if st["made"] else "")
+        print(f"{st['cell']:<28} {st['state']:<8} {how}")
+    counts = {k: sum(st["state"] == k for st in states) for k in ("done", "running", "stopped", "waiting")}
+    print(", ".join(f"{n} {k}" for k, n in counts.items()) + f" of {len(states)} cells in {exp.out}")
     return 0

@@ -6,6 +6,7 @@ each take the cells no other process holds."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -146,6 +147,31 @@ def finished_cells(exp: ExperimentConfig) -> dict[str, dict]:
         path = exp.out / "cells" / cell_name(v, s) / CELL
         if path.exists():
             out[cell_name(v, s)] = read_json(path)
+    return out
+
+
+def cell_states(exp: ExperimentConfig) -> list[dict]:
+    """Where every cell stands, read from its folder: `done` (with its seconds), `running` (a process
+    holds it; the stage it is in), `stopped` (begun, not finished: it resumes at that stage) or
+    `waiting` (nothing made yet)."""
+    from d3n.artifacts import MANIFEST
+    from d3n.pipeline import STATE
+    from d3n.stages import NAMES
+
+    out = []
+    for v, s in all_cells(exp):
+        name, folder = cell_name(v, s), cell_folder(exp, v, s)
+        if (folder / CELL).exists():
+            rec = read_json(folder / CELL)
+            out.append({"cell": name, "state": "done", "seconds": rec.get("seconds")})
+            continue
+        begun = [st for st in NAMES if (folder / st / STATE).exists()]
+        at = next((st for st in begun if not (folder / st / MANIFEST).exists()), None)
+        with try_exclusive(folder / CELL_LOCK) if folder.exists() else contextlib.nullcontext(True) as free:
+            running = not free
+        state = "running" if running else "stopped" if begun else "waiting"
+        out.append({"cell": name, "state": state, "stage": at or (begun[-1] if begun else None),
+                    "made": [st for st in begun if (folder / st / MANIFEST).exists()]})
     return out
 
 

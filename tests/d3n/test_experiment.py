@@ -4,6 +4,7 @@ statistics give known answers, and the report holds every row and comparison."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def test_runner_shares_stages_resumes_a_killed_cell_and_reports(tmp_path, monkey
 
 
 def test_a_cell_another_process_holds_is_left_to_it(tmp_path):
-    from d3n.experiment.runner import CELL_LOCK, run_experiment
+    from d3n.experiment.runner import CELL_LOCK, cell_states, run_experiment
     from d3n.experiment.share import try_exclusive
     from d3n.experiment.spec import load_experiment
 
@@ -115,8 +116,24 @@ def test_a_cell_another_process_holds_is_left_to_it(tmp_path):
     with try_exclusive(cell / CELL_LOCK) as held:  # as if another process ran it
         assert held
         result = run_experiment(exp)
+        assert [s["state"] for s in cell_states(exp)] == ["running"]
     assert result["elsewhere"] == ["d3n-s0"] and result["cells"] == []
     assert not (cell / "data").exists()
+    assert [s["state"] for s in cell_states(exp)] == ["waiting"]
+
+
+def test_status_says_where_each_cell_stands(tmp_path, capsys):
+    path = _experiment(tmp_path)
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "seeds": [0],
+                                                       "stages": ["data", "baseline"]}))
+    assert main(["experiment", str(path), "--cells", "d3n-s0"]) == 0
+    (tmp_path / "study" / "cells" / "no-ddpm-s0" / "data").mkdir(parents=True)  # begun, then killed
+    (tmp_path / "study" / "cells" / "no-ddpm-s0" / "data" / ".pipeline.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["experiment", str(path), "--status"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"d3n-s0 +done", out) and re.search(r"no-ddpm-s0 +stopped +at data", out)
+    assert "1 done, 0 running, 1 stopped, 0 waiting of 2 cells" in out
 
 
 def test_stage_lock_waits_for_the_holder(tmp_path):
