@@ -32,7 +32,7 @@ test: $(STAMP)
 OVENV ?= .venv-openvino
 OV_STAMP := $(OVENV)/.d3n-installed
 $(OV_STAMP): $(STAMP)
-	@test -x $(OVENV)/bin/python || $(PYTHON) -m venv $(OVENV)
+	@test -x $(OVENV)/bin/python || $(PY) -m venv $(OVENV)
 	$(OVENV)/bin/python -c 'import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "d3n-main-venv.pth").write_text(f"import site; site.addsitedir({sys.argv[1]!r})\n")' \
 	  "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 	$(OVENV)/bin/python -m pip install --quiet 'openvino>=2024.0' 'nncf>=2.14'

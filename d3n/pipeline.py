@@ -178,6 +178,17 @@ def load_config(path: Path) -> PipelineConfig:
     return cfg
 
 
+def keep_thread_count() -> None:
+    """Each stage runs with the CPU threads OMP_NUM_THREADS asks for (d3n experiment --jobs gives each
+    process cores / N): ultralytics' device selection, run by the export and by predictions, resets
+    torch's thread count to up to 8 for the rest of the process."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def spent_before(d: Path, state: dict) -> float:
     """Seconds earlier attempts of a stage spent before they stopped: each attempt records when it
     started; one that was killed ended at the last file it wrote. So a resumed stage reports its
@@ -304,6 +315,7 @@ class Pipeline:
         if main and decision != "updating":  # (a fine-tune's state file says so; it is timed alone)
             write_json(state_file, {"key": key, "started": t0, "spent": spent})
         distributed.barrier(long=True)  # rank 0 works on files meanwhile
+        keep_thread_count()
         execute(stage, config, inputs, d)
         self.timings[stage.name] = round(spent + time.time() - t0, 1)
         made = {"resume": "resumed", "updating": f"fine-tuned for data version {version}"}

@@ -20,8 +20,8 @@ from d3n.errors import DataError
 BOX_TOLERANCE_PX = 1.0
 
 # EXIF orientations that turn an image by 90 degrees (5-8 of TIFF/EXIF tag 0x0112). OpenCV, which
-# every stage reads images with, applies the orientation of JPEG, PNG and WebP files, as photo
-# viewers do; Pillow does not. Sizes are therefore always taken as the turned image's.
+# every stage reads images with, applies the orientation of JPEG and PNG files, as photo viewers
+# do; Pillow does not. Sizes are therefore always taken as the turned image's.
 _ORIENTATION_TAG = 0x0112
 TURNED = (5, 6, 7, 8)
 
@@ -39,7 +39,8 @@ def shown_size(im: Image.Image) -> tuple[int, int]:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as every stage sees the image, from its header (no decoding)."""
+    """(width, height) as every stage sees the image (a JPEG's header suffices; Pillow decodes a PNG
+    to look for an EXIF chunk after its pixel data)."""
     with Image.open(path) as im:
         return shown_size(im)
 

@@ -38,7 +38,11 @@ def _experiment(args) -> int:
     cells = [c.strip() for c in args.cells.split(",")] if args.cells else None
     if cells:
         select(exp, cells)  # unknown names are an error before anything starts
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1 (got {args.jobs})")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    if devices and len(devices) > args.jobs and not args.worker:
+        raise ConfigError(f"--devices lists {len(devices)} devices for {args.jobs} job(s): give --jobs {len(devices)}")
     for d in devices or ():
         try:
             check_device(d)
@@ -68,7 +72,7 @@ def _status(exp) -> int:
         elif st["state"] == "waiting":
             how = ""
         else:
-            how = f"at {st['stage']}" + (f" (made: {', '.join(st['made'])})" if st["made"] else "")
+            how = (f"at {st['stage']}" if st["stage"] else "") + (f" (made: {', '.join(st['made'])})" if st["made"] else "")
         print(f"{st['cell']:<28} {st['state']:<8} {how}")
     counts = {k: sum(st["state"] == k for st in states) for k in ("done", "running", "stopped", "waiting")}
     print(", ".join(f"{n} {k}" for k, n in counts.items()) + f" of {len(states)} cells in {exp.out}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -88,15 +89,24 @@ def run_experiment(exp: ExperimentConfig, cells: list[str] | None = None, device
     """Run the cells (all, or `cells`) in order, skipping any another process is running."""
     exp.out.mkdir(parents=True, exist_ok=True)
     share = StageShare(exp.out / "cells")
-    records, elsewhere = [], []
-    for v, s in select(exp, cells):
-        name = cell_name(v, s)
-        with try_exclusive(exp.out / "cells" / name / CELL_LOCK) as mine:
-            if not mine:
-                print(f"cell {name}: another process is running it; left to that one", flush=True)
-                elsewhere.append(name)
-                continue
-            records.append(run_cell(exp, v, s, share, device))
+    records, pending, first = [], select(exp, cells), True
+    while pending:
+        held = []
+        for v, s in pending:
+            folder = cell_folder(exp, v, s)
+            if not first and (folder / CELL).exists():
+                continue  # finished by the process that held it
+            with try_exclusive(folder / CELL_LOCK) as mine:
+                if mine:
+                    records.append(run_cell(exp, v, s, share, device))
+                else:
+                    held.append((v, s))
+        if held == pending:  # every cell left is another process's
+            break
+        pending, first = held, False  # a lock seen held only for a moment (--status) is tried again
+    elsewhere = [cell_name(v, s) for v, s in pending if not (cell_folder(exp, v, s) / CELL).exists()]
+    for name in elsewhere:
+        print(f"cell {name}: another process is running it; left to that one", flush=True)
     log.info("experiment: %d cells, %d stages shared between cells", len(records), share.copied)
     return {"cells": records, "elsewhere": elsewhere, "shared_stages": share.copied}
 
@@ -114,6 +124,11 @@ def run_jobs(config: Path, exp: ExperimentConfig, jobs: int, cells: list[str] | 
     exp.out.mkdir(parents=True, exist_ok=True)
     threads = str(max(1, cpu_cores() // jobs))
     procs = []
+
+    def stop(signum, frame):  # a SIGTERM to this process stops the workers too (finally below)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         for i in range(jobs):
             cmd = [sys.executable, "-m", "d3n.cli", "experiment", str(config), "--out", str(exp.out), "--worker"]
@@ -129,11 +144,13 @@ def run_jobs(config: Path, exp: ExperimentConfig, jobs: int, cells: list[str] | 
                 procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
         codes = [p.wait() for p in procs]
     finally:  # interrupted: stop the workers (their cells resume on the next run)
+        signal.signal(signal.SIGTERM, previous)
         for p in procs:
             if p.poll() is None:
                 p.terminate()
         for p in procs:
             p.wait()
+    codes = [128 - rc if rc < 0 else rc for rc in codes]  # killed by signal N: 128 + N, as a shell says
     for i, rc in enumerate(codes):
         if rc:
             print(f"worker {i} failed (exit {rc}); see {exp.out / f'worker-{i}.log'}", file=sys.stderr)
@@ -161,14 +178,14 @@ def cell_states(exp: ExperimentConfig) -> list[dict]:
     out = []
     for v, s in all_cells(exp):
         name, folder = cell_name(v, s), cell_folder(exp, v, s)
-        if (folder / CELL).exists():
+        with try_exclusive(folder / CELL_LOCK) if folder.exists() else contextlib.nullcontext(True) as free:
+            running = not free
+        if (folder / CELL).exists() and not running:
             rec = read_json(folder / CELL)
             out.append({"cell": name, "state": "done", "seconds": rec.get("seconds")})
             continue
         begun = [st for st in NAMES if (folder / st / STATE).exists()]
         at = next((st for st in begun if not (folder / st / MANIFEST).exists()), None)
-        with try_exclusive(folder / CELL_LOCK) if folder.exists() else contextlib.nullcontext(True) as free:
-            running = not free
         state = "running" if running else "stopped" if begun else "waiting"
         out.append({"cell": name, "state": state, "stage": at or (begun[-1] if begun else None),
                     "made": [st for st in begun if (folder / st / MANIFEST).exists()]})

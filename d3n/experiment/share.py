@@ -17,7 +17,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from d3n.artifacts import MANIFEST, read_json
+from d3n.artifacts import MANIFEST, atomic_dir, read_json
 
 log = logging.getLogger(__name__)
 STATE = ".pipeline.json"
@@ -67,13 +67,20 @@ class StageShare:
 
     def _scan(self) -> None:
         for state in sorted(self.cells.glob(f"*/*/{STATE}")):
-            if (state.parent / MANIFEST).exists():
-                self.index.setdefault(read_json(state).get("key"), state.parent)
+            try:
+                key = read_json(state).get("key") if (state.parent / MANIFEST).exists() else None
+            except FileNotFoundError:  # another process is rerunning that stage from scratch
+                continue
+            if key is not None and not (self.index.get(key, state.parent) / MANIFEST).exists():
+                del self.index[key]  # the folder it pointed at is being remade
+            if key is not None:
+                self.index.setdefault(key, state.parent)
 
     def lookup(self, key: str) -> Path | None:
-        if key not in self.index:  # another process may have finished it since
-            self._scan()
         src = self.index.get(key)
+        if src is None or not (src / MANIFEST).exists():  # another process may have finished it since
+            self._scan()
+            src = self.index.get(key)
         return src if src is not None and (src / MANIFEST).exists() else None
 
     def making(self, key: str, stage: str):
@@ -86,11 +93,14 @@ class StageShare:
         self.index.setdefault(key, Path(folder))
 
     def copy(self, src: Path, dst: Path) -> None:
+        """Hard-link `src` into `dst` through a temporary folder renamed at the end, without its
+        state file (the pipeline writes dst's own): a copy killed half-way never looks finished."""
         def link(a, b):
             try:
                 os.link(a, b)
             except OSError:  # another file system: a plain copy
                 shutil.copy2(a, b)
 
-        shutil.copytree(src, dst, copy_function=link)
+        with atomic_dir(dst) as tmp:
+            shutil.copytree(src, tmp, copy_function=link, dirs_exist_ok=True, ignore=shutil.ignore_patterns(STATE))
         self.copied += 1

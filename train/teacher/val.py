@@ -24,14 +24,14 @@ from d3n.train.teacher.model import FusionTeacher
 
 
 def recorded_run(extra: dict, key: str, model_path: Path) -> Path | None:
-    """The DDPM or compressor run a teacher checkpoint records: where it was, else at the same place
-    relative to the checkpoint (a run folder copied to another machine), else the old path (named in
-    the error that follows)."""
+    """The DDPM or compressor run a teacher checkpoint records: at its place relative to the
+    checkpoint (the same run folder, wherever it was copied), else where it was when trained, which
+    the error that follows names when it is not there either."""
     if not extra.get(key):
         return None
     where = Path(extra[key])
     moved = (Path(model_path).resolve().parent / extra.get("relative", {}).get(key, where)).resolve()
-    return where if where.exists() or not moved.exists() else moved
+    return moved if moved.exists() else where
 
 
 def feature_source(teacher: FusionTeacher, model_path: Path, images: dict[str, Path], repo: Path | None,
