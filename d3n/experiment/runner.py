@@ -119,8 +119,6 @@ def run_jobs(config: Path, exp: ExperimentConfig, jobs: int, cells: list[str] | 
     Each process logs to OUT/worker-<i>.log. Returns the first non-zero exit status, else 0."""
     from d3n.distributed import cpu_cores
 
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
     exp.out.mkdir(parents=True, exist_ok=True)
     threads = str(max(1, cpu_cores() // jobs))
     procs = []

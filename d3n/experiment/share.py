@@ -67,14 +67,15 @@ class StageShare:
 
     def _scan(self) -> None:
         for state in sorted(self.cells.glob(f"*/*/{STATE}")):
+            if not (state.parent / MANIFEST).exists():
+                continue
             try:
-                key = read_json(state).get("key") if (state.parent / MANIFEST).exists() else None
+                key = read_json(state).get("key")
             except FileNotFoundError:  # another process is rerunning that stage from scratch
                 continue
-            if key is not None and not (self.index.get(key, state.parent) / MANIFEST).exists():
-                del self.index[key]  # the folder it pointed at is being remade
-            if key is not None:
-                self.index.setdefault(key, state.parent)
+            known = self.index.get(key)
+            if known is None or not (known / MANIFEST).exists():  # new, or the folder it named is being remade
+                self.index[key] = state.parent
 
     def lookup(self, key: str) -> Path | None:
         src = self.index.get(key)
