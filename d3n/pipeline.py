@@ -370,7 +370,8 @@ class Pipeline:
             if isinstance(result, dict):
                 self.timings[stage.name] = round(time.time() - t0, 1)
                 write_json(d / STATE, {"key": key, "own": own, "data_version": version,
-                                       "made": f"updated for data version {version}"})
+                                       "made": f"updated for data version {version}",
+                                       "seconds": self.timings[stage.name]})
             elif result is None:
                 log.info("stage %s: no incremental update, running afresh", stage.name)
                 shutil.rmtree(d)

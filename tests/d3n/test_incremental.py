@@ -94,6 +94,7 @@ def test_rerun_after_data_add_catches_up(micro_config, tmp_path):
     assert all(states[s]["made"] == "updated for data version 2" for s in ("ddpm", "repo", "resvae", "compress"))
     assert all(states[s]["made"] == "fine-tuned for data version 2" for s in ("baseline", "teacher", "distill"))
     assert states["export"]["made"] == "ran"
+    assert all(states[s]["seconds"] >= 0 for s in STAGES)  # every stage's time, updated ones included
     # the repositories: old images first, in their old shards, untouched; the new ones extracted alone
     index = json.loads((run / "repo" / "train" / "store.json").read_text())
     assert index["image_ids"][:len(old_ids)] == old_ids and len(index["image_ids"]) == len(old_ids) + 4
