@@ -83,10 +83,14 @@ def augment(data: str | Path, out: str | Path, method: str, counts: dict[str, in
             gen.class_index(name)  # a class it never saw is an error now, not a blank image later
     if check_model:
         checker = _checker(Path(check_model), device, min_conf)
-    state = _open(src, out, plan)  # every check above passed: only now is anything written
-    layout = DatasetLayout.open(out)
     items = [(name, k) for name in counts for k in range(counts[name])]
     sizes = _Sizes()
+    # every place is found once before anything is written, so a split with no room for a class fails
+    # here and not half-way; each is found again below from the same seed (cheap beside drawing)
+    for i, (name, _) in enumerate(items):
+        placer.place(src.names.index(name), np.random.default_rng([seed, i]), sizes)
+    state = _open(src, out, plan)  # every check above passed: only now is anything written
+    layout = DatasetLayout.open(out)
     done = {it["index"] for it in state["items"]}
     for i, (name, _) in enumerate(tqdm(items, desc=f"augment ({method})", disable=not progress)):
         if i in done:

@@ -119,18 +119,55 @@ class Placer:
         sizes = self.sizes.get(cls)
         if not sizes:
             raise DataError(f"class '{self.layout.names[cls]}' has no box in the train split: no size to draw it at")
+        name = self.layout.names[cls]
         for _ in range(50):
             img = pool[int(rng.integers(len(pool)))]
             h, w = h_w[img]
-            bw, bh = sizes[int(rng.integers(len(sizes)))]
-            bw, bh = min(max(int(bw * w), 4), w - 2), min(max(int(bh * h), 4), h - 2)
+            bw, bh = _size(sizes, rng, w, h)
             # a pixel from the border: Poisson cloning (paste) needs one around the region
             x0, y0 = int(rng.integers(1, max(w - bw, 2))), int(rng.integers(1, max(h - bh, 2)))
             box = (x0, y0, min(x0 + bw, w - 1), min(y0 + bh, h - 1))
             if all(_disjoint(box, b) for _, b in pixel_boxes(self.layout, img, w, h)):
                 mask = ellipse(h, w, box)
                 return Target(img, mask, mask_box(mask), f"random on {img.name}")
-        raise DataError(f"no free place for a '{self.layout.names[cls]}' defect on 50 tries: the train images are full")
+        # 50 random spots were all taken (a split without defect-free images and with large boxes, as
+        # NEU-DET): every image once, in random order, searched whole for a clear spot of a drawn size
+        for i in rng.permutation(len(pool)):
+            img = pool[i]
+            h, w = h_w[img]
+            bw, bh = _size(sizes, rng, w, h)
+            box = free_spot([b for _, b in pixel_boxes(self.layout, img, w, h)], w, h, bw, bh, rng)
+            if box is not None:
+                mask = ellipse(h, w, box)
+                return Target(img, mask, mask_box(mask), f"random on {img.name} (searched)")
+        raise DataError(f"no free place for a '{name}' defect: none of the {len(pool)} train images has a spot "
+                        f"the size of a real '{name}' box clear of its boxes (the split has "
+                        f"{len(self.clean)} defect-free images); --masks boxes draws inside real boxes instead")
+
+
+def _size(sizes: list[tuple[float, float]], rng: np.random.Generator, w: int, h: int) -> tuple[int, int]:
+    """A real box size of the class (image fractions) in pixels of a w x h image, at least 4 pixels
+    and leaving the border ring free."""
+    bw, bh = sizes[int(rng.integers(len(sizes)))]
+    return min(max(int(bw * w), 4), w - 2), min(max(int(bh * h), 4), h - 2)
+
+
+def free_spot(taken: list[tuple[int, int, int, int]], w: int, h: int, bw: int, bh: int,
+              rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+    """A random bw x bh box inside a w x h image, a pixel from its border, overlapping none of the
+    boxes in `taken`; None where there is no such place."""
+    occupied = np.zeros((h, w), np.int32)
+    for x0, y0, x1, y1 in taken:
+        occupied[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 1
+    occupied[[0, -1]] = 1
+    occupied[:, [0, -1]] = 1
+    s = np.pad(occupied.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table
+    inside = s[bh:, bw:] - s[:-bh, bw:] - s[bh:, :-bw] + s[:-bh, :-bw]  # taken pixels of the box at each top-left
+    ys, xs = np.nonzero(inside == 0)
+    if not len(ys):
+        return None
+    i = int(rng.integers(len(ys)))
+    return int(xs[i]), int(ys[i]), int(xs[i]) + bw, int(ys[i]) + bh
 
 
 def _disjoint(a, b) -> bool:

@@ -123,6 +123,29 @@ def test_balance_tops_each_class_up(two_class, tmp_path):
     assert boxes.count(0) == 14 and boxes.count(1) == 14
 
 
+def test_random_places_search_crowded_images_and_a_full_split_is_named(two_class, tmp_path):
+    """Without defect-free images and with large boxes (as NEU-DET) a random spot is mostly taken:
+    the placement then searches whole images for a clear one; where none fits, the error names
+    the class and the way out, and nothing is written."""
+    data = tmp_path / "crowded"
+    shutil.copytree(two_class, data)
+    s = 64  # every train image: two 'bright' boxes leave only the corner x, y >= 50 free; one 10 x 10 'dark'
+    rows = [(0, 0, 0, 64, 50), (0, 0, 50, 50, 64), (1, 5, 5, 15, 15)]
+    text = "".join(f"{c} {(x0 + x1) / 2 / s:.6f} {(y0 + y1) / 2 / s:.6f} {(x1 - x0) / s:.6f} {(y1 - y0) / s:.6f}\n"
+                   for c, x0, y0, x1, y1 in rows)
+    for label in (data / "labels" / "train").glob("*.txt"):
+        label.write_text(text)
+    augment(data, tmp_path / "out", "paste", {"dark": 3}, masks="random", seed=0, progress=False)
+    items = read_json(tmp_path / "out" / PLAN)["items"]
+    assert len(items) == 3 and any("searched" in it["mask"] for it in items)
+    for it in items:  # in the free corner, a pixel from the border
+        x0, y0, x1, y1 = it["box"]
+        assert x0 >= 50 and y0 >= 50 and x1 <= 63 and y1 <= 63
+    with pytest.raises(DataError, match=r"no free place for a 'bright' defect.*0 defect-free.*--masks boxes"):
+        augment(data, tmp_path / "full", "paste", {"bright": 1}, masks="random", seed=0, progress=False)
+    assert not (tmp_path / "full").exists()
+
+
 def test_killed_run_resumes_to_the_same_images(two_class, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     augment(two_class, whole, "paste", {"bright": 3}, progress=False)
