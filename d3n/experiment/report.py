@@ -14,6 +14,7 @@ import csv
 from pathlib import Path
 
 from d3n.artifacts import METRICS, atomic_path, read_json, write_json, write_text
+from d3n.errors import ConfigError
 from d3n.experiment.cam import report_figure as fig14_gradcam
 from d3n.experiment.runner import cell_folder, finished_cells
 from d3n.experiment.spec import ExperimentConfig
@@ -100,10 +101,18 @@ def comparisons(exp: ExperimentConfig, rows: dict[str, dict]) -> list[tuple[str,
 def paired_table(exp: ExperimentConfig, rows: dict[str, dict]) -> tuple[list[str], list[dict]]:
     lines = ["| A − B | metric | pairs | mean | 95 % interval | verdict |", "|---|---|---|---|---|---|"]
     out = []
+    names = {n for row in rows.values() for m in row["seeds"].values() for n in m.get("per_class_AP50") or {}}
+    unknown = [c for c in exp.classes if c not in names]
+    if rows and unknown:
+        raise ConfigError(f"classes: {unknown} are not classes of the experiment's data; it has {sorted(names)}")
+
+    def value(m: dict, k: str) -> float | None:
+        return (m.get("per_class_AP50") or {}).get(k[5:]) if k.startswith("AP50 ") else m.get(k)
+
     for a, b in comparisons(exp, rows):
-        for k in ("mAP50", "mAP50-95", "recall@0.25"):
-            va = {s: m[k] for s, m in rows[a]["seeds"].items() if m.get(k) is not None}
-            vb = {s: m[k] for s, m in rows[b]["seeds"].items() if m.get(k) is not None}
+        for k in ("mAP50", "mAP50-95", "recall@0.25", *(f"AP50 {c}" for c in exp.classes)):
+            va = {s: v for s, m in rows[a]["seeds"].items() if (v := value(m, k)) is not None}
+            vb = {s: v for s, m in rows[b]["seeds"].items() if (v := value(m, k)) is not None}
             p = paired(va, vb)
             if p is None:
                 continue

@@ -10,6 +10,7 @@
       long-baseline: {train: {epochs: 24}, stages: [data, baseline]}   # `stages`: only these run
     reference: baseline                   # the row every other row is compared with (paired by seed)
     compare: [[d3n teacher, long-baseline baseline]]   # further pairs of rows, A - B
+    classes: [crazing]                    # classes whose AP50 is paired too
 
 A cell's pipeline config is base <- common <- variant <- {train: {seed: s}}, merged key by key.
 Stages whose config and inputs are the same in several cells (data, DDPM, repository, compressor,
@@ -40,6 +41,9 @@ class ExperimentConfig(StrictModel):
     stages: list[str] | None = None
     # further paired comparisons [A, B] of report rows ("baseline", "<variant> baseline|teacher|student")
     compare: list[tuple[str, str]] = Field(default_factory=list)
+    # classes whose AP50 is paired too, beside mAP50, mAP50-95 and recall (an augmentation study's
+    # rare class: its gain is lost in the mean over classes)
+    classes: list[str] = Field(default_factory=list)
 
 
 

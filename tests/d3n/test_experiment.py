@@ -179,7 +179,8 @@ def test_augmentation_study_runs_only_its_stages_and_compares_baselines(tmp_path
                                        "rare": "crazing", "rare_keep": 0.0}}}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     exp = {"base": "base.yaml", "out": "study", "seeds": [0], "stages": ["data", "generator", "augment", "baseline"],
-           "variants": {"plain": {}, "paste": {"augment": {"method": "paste", "classes": ["scratches"], "count": 2}}}}
+           "variants": {"plain": {}, "paste": {"augment": {"method": "paste", "classes": ["scratches"], "count": 2}}},
+           "classes": ["scratches"]}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp, sort_keys=False))  # plain first: its baseline is the row
     assert main(["experiment", str(tmp_path / "exp.yaml")]) == 0
     cells = tmp_path / "study" / "cells"
@@ -188,10 +189,28 @@ def test_augmentation_study_runs_only_its_stages_and_compares_baselines(tmp_path
     report = json.loads((tmp_path / "study" / "experiment.json").read_text())
     assert set(report["rows"]) == {"baseline", "paste baseline"}
     assert any(p["a"] == "paste baseline" and p["b"] == "baseline" for p in report["paired"])
+    # the topped-up class's own AP50 is paired too: the mean over classes hides it
+    pair = next(p for p in report["paired"] if p["metric"] == "AP50 scratches")
+    per_class = {r: next(iter(row["seeds"].values()))["per_class_AP50"]["scratches"] for r, row in report["rows"].items()}
+    assert pair["mean"] == pytest.approx(per_class["paste baseline"] - per_class["baseline"])
     # rare: the train split has no crazing box left (rare_keep 0), val and test keep theirs
     data = cells / "plain-s0" / "data" / "dataset"
     train_classes = {line.split()[0] for f in (data / "labels" / "train").glob("*.txt") for line in f.read_text().splitlines()}
     assert "0" not in train_classes
+
+
+def test_paired_classes_must_be_the_datas():
+    from d3n.errors import ConfigError
+    from d3n.experiment.report import paired_table
+    from d3n.experiment.spec import ExperimentConfig
+
+    rows = {r: {"seeds": {0: {"mAP50": 0.5, "per_class_AP50": {"crazing": ap}}}} for r, ap in
+            (("baseline", 0.1), ("paste baseline", 0.3))}
+    exp = ExperimentConfig(base="b.yaml", variants={"plain": {}, "paste": {}}, classes=["crazing"])
+    lines, out = paired_table(exp, rows)
+    assert [(p["metric"], round(p["mean"], 6)) for p in out] == [("mAP50", 0.0), ("AP50 crazing", 0.2)]
+    with pytest.raises(ConfigError, match=r"classes: \['crazng'\] .* \['crazing'\]"):
+        paired_table(exp.model_copy(update={"classes": ["crazng"]}), rows)
 
 
 @pytest.mark.parametrize("name", ["neu-det-cpu.yaml", "synth-rare-class.yaml", "neu-det-augment.yaml"])
