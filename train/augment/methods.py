@@ -1,12 +1,12 @@
 """The four ways `d3n augment` draws a defect of class `cls` into `target.mask` of an image
 (uint8 RGB); each returns the new image. Pixels outside the region a method may change are the
 original's, bit for bit: the mask for inpaint and paste, mask plus transition band for blend,
-the crop window for sdedit.
+the box for sdedit.
 
 - `paste`: a real defect of the class (a crop around one of its boxes) cloned into the mask with
   OpenCV's Poisson seamless cloning: the classical baseline.
 - `sdedit`: the window around the box noised to `strength` and denoised by the generator,
-  conditioned on the class; feathered back in.
+  conditioned on the class; the box's part feathered back in.
 - `inpaint`: the masked part of the window generated (RePaint), the rest kept.
 - `blend`: blended diffusion with a defect / transition / background mask: the background kept
   exactly, the transition band a soft mix that harmonises the new defect with its surroundings.
@@ -55,8 +55,13 @@ def sdedit(image, target, cls, rng, gen, p: Params):
     out = gen.sdedit(_as_tensor(patch, gen.size), torch.tensor([cls]), p.strength, p.guidance, p.steps,
                      torch.Generator().manual_seed(int(rng.integers(2**31))))
     new = from_model(out[0].cpu().numpy(), x1 - x0, y1 - y0)
-    ramp = np.minimum.outer(*(np.minimum(np.arange(n), np.arange(n)[::-1]) for n in (y1 - y0, x1 - x0)))
-    alpha = np.clip(ramp / max((x1 - x0) / 8, 1), 0, 1)[..., None]  # feathered edge: no seam
+    # the window is the generator's context; only the box takes the new pixels, feathered inward over
+    # a quarter of its shorter side: a neighbouring defect in the window keeps its pixels and its label
+    bx0, by0, bx1, by1 = target.box
+    box = np.zeros(patch.shape[:2], np.uint8)
+    box[max(by0 - y0, 0):by1 - y0, max(bx0 - x0, 0):bx1 - x0] = 1
+    depth = cv2.distanceTransform(box, cv2.DIST_L2, 3)  # 0 outside the box, 1 on its edge, more inside
+    alpha = np.clip(depth / max(min(bx1 - bx0, by1 - by0) / 4, 1), 0, 1)[..., None]
     result = image.copy()
     result[y0:y1, x0:x1] = np.where(alpha > 0, patch + alpha * (new.astype(np.float32) - patch), patch).round()
     return result

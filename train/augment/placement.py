@@ -3,7 +3,8 @@
 Masks come from the user (`DIR/<target stem>.png`, one per target image, the image's size; each
 8-connected region of a mask is one place a defect can go, with its own box, every region of every
 mask equally likely; the outermost pixel ring is left out, as everywhere here: Poisson cloning needs
-a border; regions under MIN_SIDE pixels across are specks, not places), from the real boxes of the target (an ellipse inside one of them: a new defect where one was), or
+a border; regions under MIN_SIDE pixels across are specks, not places), from the real boxes of the target (an ellipse inside one of them, of the class being added where
+the image has one: a new defect where one was), or
 at random (an ellipse the size of a real box of the class, on a defect-free image when the split
 has some, away from the boxes already there). The new box is the mask's bounding box.
 """
@@ -112,7 +113,10 @@ class Placer:
             img = pool[int(rng.integers(len(pool)))]
             h, w = h_w[img]
             boxes = pixel_boxes(self.layout, img, w, h)
-            box = boxes[int(rng.integers(len(boxes)))][1]
+            # one of the class's own boxes where the image has one: the defect redrawn is of the class
+            # topped up, and a neighbouring defect of another class keeps its box
+            boxes = [b for c, b in boxes if c == cls] or [b for _, b in boxes]
+            box = boxes[int(rng.integers(len(boxes)))]
             mask = ellipse(h, w, box)
             return Target(img, mask, mask_box(mask), f"ellipse in a real box of {img.name}")
         pool = self.clean or self.images

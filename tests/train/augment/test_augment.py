@@ -111,6 +111,28 @@ def test_sdedit_redraws_a_real_defect_in_its_box(two_class, generator_run, tmp_p
     for item in read_json(tmp_path / "out" / PLAN)["items"]:
         rows = np.loadtxt(tmp_path / "out" / "labels" / "train" / item["image"].replace(".png", ".txt"), ndmin=2)
         assert len(rows) == 1  # the real box it redrew, not a second one
+        # only the box changes: the rest of the generator's window (a neighbour's defect) is the original's
+        new, old = _rgb(tmp_path / "out" / "images" / "train" / item["image"]), _rgb(two_class / "images" / "train" / item["from"])
+        x0, y0, x1, y1 = item["box"]
+        outside = np.ones(new.shape[:2], bool)
+        outside[y0:y1, x0:x1] = False
+        assert np.array_equal(new[outside], old[outside]) and not np.array_equal(new[~outside], old[~outside])
+
+
+def test_boxes_mode_redraws_a_box_of_the_class(two_class, tmp_path):
+    """Where the image also has a defect of another class, that one keeps its box and label."""
+    data = tmp_path / "two"
+    shutil.copytree(two_class, data)
+    other = "0 0.150000 0.150000 0.150000 0.150000\n"  # a 'bright' box in the corner of every 'dark' image
+    for label in (data / "labels" / "train").glob("*.txt"):
+        if label.read_text().startswith("1 "):
+            label.write_text(label.read_text() + other)
+    augment(data, tmp_path / "out", "paste", {"dark": 4}, masks="boxes", seed=0, progress=False)
+    for item in read_json(tmp_path / "out" / PLAN)["items"]:
+        rows = (tmp_path / "out" / "labels" / "train" / item["image"].replace(".png", ".txt")).read_text()
+        assert other in rows and sorted(r.split()[0] for r in rows.splitlines()) == ["0", "1"]
+        x0, y0, x1, y1 = item["box"]
+        assert x1 > 0.225 * 64 or y1 > 0.225 * 64  # not the corner box
 
 
 def test_balance_tops_each_class_up(two_class, tmp_path):
