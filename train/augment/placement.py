@@ -3,10 +3,11 @@
 Masks come from the user (`DIR/<target stem>.png`, one per target image, the image's size; each
 8-connected region of a mask is one place a defect can go, with its own box, every region of every
 mask equally likely; the outermost pixel ring is left out, as everywhere here: Poisson cloning needs
-a border; regions under MIN_SIDE pixels across are specks, not places), from the real boxes of the target (an ellipse inside one of them, of the class being added where
-the image has one: a new defect where one was), or
-at random (an ellipse the size of a real box of the class, on a defect-free image when the split
-has some, away from the boxes already there). The new box is the mask's bounding box.
+a border; regions under MIN_SIDE pixels across are specks, not places), from the real boxes of the
+target (an ellipse inside one of them, of the class being added where the image has one: a new
+defect where one was), or at random (an ellipse the size of a real box of the class, on a
+defect-free image when the split has some, away from the boxes already there; crowded images are
+searched whole for a clear spot). The new box is the mask's bounding box.
 """
 
 from __future__ import annotations
