@@ -121,10 +121,10 @@ class Placer:
             mask = ellipse(h, w, box)
             return Target(img, mask, mask_box(mask), f"ellipse in a real box of {img.name}")
         pool = self.clean or self.images
+        name = self.layout.names[cls]
         sizes = self.sizes.get(cls)
         if not sizes:
-            raise DataError(f"class '{self.layout.names[cls]}' has no box in the train split: no size to draw it at")
-        name = self.layout.names[cls]
+            raise DataError(f"class '{name}' has no box in the train split: no size to draw it at")
         for _ in range(50):
             img = pool[int(rng.integers(len(pool)))]
             h, w = h_w[img]
@@ -141,7 +141,7 @@ class Placer:
             img = pool[i]
             h, w = h_w[img]
             bw, bh = _size(sizes, rng, w, h)
-            box = free_spot([b for _, b in pixel_boxes(self.layout, img, w, h)], w, h, bw, bh, rng)
+            box = _free_spot([b for _, b in pixel_boxes(self.layout, img, w, h)], w, h, bw, bh, rng)
             if box is not None:
                 mask = ellipse(h, w, box)
                 return Target(img, mask, mask_box(mask), f"random on {img.name} (searched)")
@@ -157,7 +157,7 @@ def _size(sizes: list[tuple[float, float]], rng: np.random.Generator, w: int, h:
     return min(max(int(bw * w), 4), w - 2), min(max(int(bh * h), 4), h - 2)
 
 
-def free_spot(taken: list[tuple[int, int, int, int]], w: int, h: int, bw: int, bh: int,
+def _free_spot(taken: list[tuple[int, int, int, int]], w: int, h: int, bw: int, bh: int,
               rng: np.random.Generator) -> tuple[int, int, int, int] | None:
     """A random bw x bh box inside a w x h image, a pixel from its border, overlapping none of the
     boxes in `taken`; None where there is no such place."""
