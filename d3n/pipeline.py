@@ -37,6 +37,7 @@ from d3n.distill.loss import DistillConfig
 from d3n.errors import ConfigError
 from d3n.stage import Stage, execute, stage_keys, update
 from d3n.stages import NAMES, STAGES
+from d3n.train.augment.params import METHODS
 from d3n.train.detector.loop import TrainConfig
 from d3n.train.device import Device
 from d3n.train.teacher.fusion import FusionConfig
@@ -106,7 +107,7 @@ class GeneratorSpec(StrictModel):
 class AugmentSpec(StrictModel):
     """Generated defect images added to the train split before anything trains (d3n augment)."""
 
-    method: Literal["sdedit", "inpaint", "blend", "paste"]
+    method: Literal[METHODS]
     classes: list[str] | None = None  # default: every class
     count: int | None = None  # new images per class, or
     balance: int | None = None  # top each class up to this many train boxes

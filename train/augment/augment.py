@@ -26,7 +26,7 @@ from d3n.data.layout import DatasetLayout
 from d3n.data.validate import image_size
 from d3n.errors import ConfigError, DataError
 from d3n.train.augment import methods
-from d3n.train.augment.params import METHODS, Params
+from d3n.train.augment.params import GENERATIVE, METHODS, Params
 from d3n.train.augment.placement import Placer
 from d3n.train.generator.crops import defect_crops, read_rgb
 
@@ -60,7 +60,7 @@ def augment(data: str | Path, out: str | Path, method: str, counts: dict[str, in
 
     if method not in METHODS:
         raise ConfigError(f"--method {method}: choose from {', '.join(METHODS)}")
-    if method != "paste" and generator is None:
+    if method in GENERATIVE and generator is None:
         raise ConfigError(f"--method {method} draws with the defect generator: pass --generator RUN "
                           "(`d3n generator train`)")
     src, out = DatasetLayout.open(data), Path(out)
@@ -72,7 +72,7 @@ def augment(data: str | Path, out: str | Path, method: str, counts: dict[str, in
     gen = donors = checker = None
     if method == "paste":
         donors = defect_crops(src, "train", 1.0, 1)
-    else:
+    elif method in GENERATIVE:
         from d3n.train.device import resolve_device
         from d3n.train.generator.model import Generator
 
@@ -101,6 +101,8 @@ def augment(data: str | Path, out: str | Path, method: str, counts: dict[str, in
         image = read_rgb(target.image)
         if method == "paste":
             new = methods.paste(image, target, cls, rng, donors, params)
+        elif method == "noise":
+            new = methods.noise(image, target, rng)
         else:
             target = methods.fit_window(gen, target, *image.shape[:2])
             new = getattr(methods, method)(image, target, cls, rng, gen, params)

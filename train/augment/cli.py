@@ -31,7 +31,8 @@ def register(sub) -> None:
                        "split (val and test are copied untouched), with augment.json saying what each was made "
                        "from and contact_sheets/<class>.png (real crops over generated ones) for review. "
                        "Resumable: rerun the same command. Methods: sdedit, inpaint, blend (the defect "
-                       "generator, `d3n generator train`) and paste (Poisson cloning of real defects).")
+                       "generator, `d3n generator train`), paste (Poisson cloning of real defects) and noise (a control: "
+                       "colour noise in the box, what an odd patch labelled as the class is worth).")
     p.add_argument("data", help="dataset folder (with data.yaml)")
     p.add_argument("--out", required=True, help="the augmented dataset folder to write")
     p.add_argument("--method", required=True, choices=METHODS)

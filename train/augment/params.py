@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-METHODS = ("sdedit", "inpaint", "blend", "paste")
+GENERATIVE = ("sdedit", "inpaint", "blend")  # draw with the defect generator
+# paste: real crops, the classical baseline; noise: a control that fills the box with colour noise
+METHODS = (*GENERATIVE, "paste", "noise")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from d3n.config import StrictModel
 from d3n.data.layout import DatasetLayout
 from d3n.train.augment.augment import augment, plan_counts
-from d3n.train.augment.params import Params
+from d3n.train.augment.params import GENERATIVE, Params
 from d3n.train.device import Device
 
 
@@ -42,7 +42,7 @@ def enabled(pcfg) -> bool:
 
 
 def wants(cfg: Config, inputs: dict[str, Path]) -> set[str]:
-    return set() if cfg.method == "paste" else {"generator"}
+    return {"generator"} if cfg.method in GENERATIVE else set()
 
 
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from d3n.train.augment.params import GENERATIVE
 from d3n.train.generator.train import GeneratorConfig as Config
 from d3n.train.generator.train import train_generator
 
@@ -13,7 +14,7 @@ DISTRIBUTED = True  # the DDPM loop: under torchrun every rank trains its share 
 
 
 def enabled(pcfg) -> bool:
-    return pcfg.augment is not None and pcfg.augment.method != "paste"
+    return pcfg.augment is not None and pcfg.augment.method in GENERATIVE
 
 
 def from_pipeline(pcfg, inputs: dict[str, Path]) -> Config:

@@ -1,4 +1,4 @@
-"""`d3n augment`: four methods, one interface; train split only; exact outside the mask; resumable."""
+"""`d3n augment`: four methods and a control, one interface; train split only; exact outside the mask; resumable."""
 
 from __future__ import annotations
 
@@ -117,6 +117,22 @@ def test_sdedit_redraws_a_real_defect_in_its_box(two_class, generator_run, tmp_p
         outside = np.ones(new.shape[:2], bool)
         outside[y0:y1, x0:x1] = False
         assert np.array_equal(new[outside], old[outside]) and not np.array_equal(new[~outside], old[~outside])
+
+
+def test_noise_control_needs_no_generator_and_changes_only_the_box(two_class, tmp_path):
+    """The control for the generator's methods: colour noise of the image's own statistics in the box."""
+    r = augment(two_class, tmp_path / "out", "noise", {"bright": 2}, masks="boxes", seed=1, progress=False)
+    augment(two_class, tmp_path / "again", "noise", {"bright": 2}, masks="boxes", seed=1, progress=False)
+    assert r["kept"] == 2
+    assert _files(tmp_path / "out" / "images" / "train") == _files(tmp_path / "again" / "images" / "train")
+    for item in read_json(tmp_path / "out" / PLAN)["items"]:
+        new, old = _rgb(tmp_path / "out" / "images" / "train" / item["image"]), _rgb(two_class / "images" / "train" / item["from"])
+        x0, y0, x1, y1 = item["box"]
+        outside = np.ones(new.shape[:2], bool)
+        outside[y0:y1, x0:x1] = False
+        assert np.array_equal(new[outside], old[outside])
+        centre = new[(y0 + y1) // 2 - 1:(y0 + y1) // 2 + 2, (x0 + x1) // 2 - 1:(x0 + x1) // 2 + 2].astype(float)
+        assert centre.std() > 5  # noise, not the defect that was there
 
 
 def test_boxes_mode_redraws_a_box_of_the_class(two_class, tmp_path):
