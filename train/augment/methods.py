@@ -10,8 +10,8 @@ the box for sdedit and noise.
 - `inpaint`: the masked part of the window generated (RePaint), the rest kept.
 - `blend`: blended diffusion with a defect / transition / background mask: the background kept
   exactly, the transition band a soft mix that harmonises the new defect with its surroundings.
-- `noise`: a control, not a defect: the box filled with colour noise at the image's own mean and
-  spread, feathered like sdedit. What a generator's gain is worth beyond "an odd patch labelled as
+- `noise`: a control, not a defect: the whole box filled with colour noise at the image's own mean
+  and spread. What a generator's gain is worth beyond "an odd patch labelled as
   the class" (an undertrained generator draws little else).
 """
 
@@ -82,7 +82,9 @@ def noise(image, target, rng):
     x0, y0, x1, y1 = target.box
     pixels = image.reshape(-1, 3).astype(np.float32)
     new = rng.normal(pixels.mean(0), pixels.std(0) + 1, (y1 - y0, x1 - x0, 3))
-    return _into_box(image, target.box, np.clip(new, 0, 255), target.box)
+    result = image.copy()
+    result[y0:y1, x0:x1] = np.clip(new, 0, 255).round()  # the whole box, no feathering
+    return result
 
 
 def inpaint(image, target, cls, rng, gen, p: Params):
