@@ -11,8 +11,8 @@ the box for sdedit and noise.
 - `blend`: blended diffusion with a defect / transition / background mask: the background kept
   exactly, the transition band a soft mix that harmonises the new defect with its surroundings.
 - `noise`: a control, not a defect: the whole box filled with colour noise at the image's own mean
-  and spread. What a generator's gain is worth beyond "an odd patch labelled as
-  the class" (an undertrained generator draws little else).
+  and spread. What a generator's gain is worth beyond "an odd patch labelled as the class" (an
+  undertrained generator draws little else).
 """
 
 from __future__ import annotations
@@ -58,20 +58,12 @@ def sdedit(image, target, cls, rng, gen, p: Params):
     out = gen.sdedit(_as_tensor(patch, gen.size), torch.tensor([cls]), p.strength, p.guidance, p.steps,
                      torch.Generator().manual_seed(int(rng.integers(2**31))))
     new = from_model(out[0].cpu().numpy(), x1 - x0, y1 - y0)
-    # the window is the generator's context; only the box takes the new pixels: a neighbouring
-    # defect in the window keeps its pixels and its label
-    return _into_box(image, (x0, y0, x1, y1), new, target.box)
-
-
-def _into_box(image, window, new, box):
-    """`new` (the window's size) laid into the box only, feathered inward over a quarter of the
-    box's shorter side; everything outside the box is the original."""
-    x0, y0, x1, y1 = window
-    bx0, by0, bx1, by1 = box
-    patch = image[y0:y1, x0:x1]
-    inside = np.zeros(patch.shape[:2], np.uint8)
-    inside[max(by0 - y0, 0):by1 - y0, max(bx0 - x0, 0):bx1 - x0] = 1
-    depth = cv2.distanceTransform(inside, cv2.DIST_L2, 3)  # 0 outside the box, 1 on its edge, more inside
+    # the window is the generator's context; only the box takes the new pixels, feathered inward over
+    # a quarter of its shorter side: a neighbouring defect in the window keeps its pixels and its label
+    bx0, by0, bx1, by1 = target.box
+    box = np.zeros(patch.shape[:2], np.uint8)
+    box[max(by0 - y0, 0):by1 - y0, max(bx0 - x0, 0):bx1 - x0] = 1
+    depth = cv2.distanceTransform(box, cv2.DIST_L2, 3)  # 0 outside the box, 1 on its edge, more inside
     alpha = np.clip(depth / max(min(bx1 - bx0, by1 - by0) / 4, 1), 0, 1)[..., None]
     result = image.copy()
     result[y0:y1, x0:x1] = np.where(alpha > 0, patch + alpha * (new.astype(np.float32) - patch), patch).round()
